@@ -1,0 +1,30 @@
+# Two commands for a fresh machine:  make demo   (set up + run the CPU demo)
+#                                    make test   (set up + run every test)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch; on a GPU machine use e.g. TORCH_SPEC='torch' (a CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test unit setup clean-demo
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/orchestrate demo prepare --dir .demo
+	$(VENV)/bin/orchestrate submit configs/demo.yaml
+
+# Everything: unit tests and the real-torchrun integration tests (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -m "not slurm or slurm"
+
+# Only the fast unit tests (pytest's default selection).
+unit: $(STAMP)
+	$(PY) -m pytest
