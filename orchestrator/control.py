@@ -1,0 +1,74 @@
+"""Acting on existing jobs: run a supervisor for one, cancel one, take one over again."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Callable
+
+from .backends import AttemptHandle, get_backend
+from .backends.local import job_processes, kill_job_processes
+from .jobs import JobError, load_plan, supervisor_alive
+from .ledger import Job, Ledger
+from .states import Failure, JobState
+from .supervisor import Supervisor
+
+
+def supervise(ledger: Ledger, job: Job, *, resume: bool = False, install_signals: bool = True,
+              on_event: Callable[[str], None] | None = None) -> JobState:
+    """Run the job's supervisor in this process until the job ends."""
+    plan = load_plan(job)
+    backend = get_backend(plan.backend)
+    sup = Supervisor(plan, ledger, backend, on_event=on_event)
+    if install_signals:
+        sup.install_signal_handlers()
+    if not resume:
+        return sup.run()
+    handle, fresh = _takeover(ledger, job, backend)
+    return sup.run(reattach=handle, fresh_budget=fresh)
+
+
+def check_resumable(job: Job) -> None:
+    if job.state is JobState.COMPLETED:
+        raise JobError(f"{job.id} has already completed")
+    if supervisor_alive(job):
+        raise JobError(f"{job.id} is already supervised by pid {job.supervisor_pid}; nothing to do")
+
+
+def _takeover(ledger: Ledger, job: Job, backend) -> tuple[AttemptHandle | None, bool]:
+    """Find a still-running attempt to follow again, or close the open one as lost."""
+    check_resumable(job)
+    last = job.attempts[-1] if job.attempts else None
+    if last is not None and last.ended is None:
+        handle = AttemptHandle(job_id=job.id, attempt=last.n, pid=last.pid or 0,
+                               attempt_dir=str(load_plan(job).paths.attempt_dir(last.n)))
+        if last.pid and backend.reattach(handle):
+            return handle, False
+        ledger.update_attempt(job.id, last.n, ended=time.time(), failure=Failure.WORKER_LOST.value,
+                              gained_checkpoint=0, message="the supervisor was lost while this attempt ran")
+    # A job that had ended (FAILED/CANCELLED) gets a fresh retry budget when resumed by hand.
+    return None, job.state.is_terminal
+
+
+def cancel(ledger: Ledger, job: Job, timeout_s: float = 60.0) -> list[int]:
+    """End the job, its supervisor and every process of it; return PIDs left (none, normally)."""
+    if supervisor_alive(job):
+        try:
+            os.kill(job.supervisor_pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = ledger.get(job.id)
+            if job.state.is_terminal and not supervisor_alive(job):
+                break
+            time.sleep(0.2)
+    last = job.attempts[-1] if job.attempts else None
+    left = kill_job_processes(job.id, last.pid if last and last.ended is None else None, grace_s=10.0)
+    job = ledger.get(job.id)
+    if last is not None and last.ended is None:
+        ledger.update_attempt(job.id, last.n, ended=time.time(), failure=Failure.CANCELLED.value,
+                              gained_checkpoint=0)
+    if not job.state.is_terminal:
+        ledger.update_job(job.id, state=JobState.CANCELLED, message="cancelled by the user", supervisor_pid=None)
+    return left or [p.pid for p in job_processes(job.id)]
