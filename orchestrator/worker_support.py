@@ -1,0 +1,218 @@
+"""Pieces of ``train_worker.py`` that need neither torch nor transformers.
+
+Where the worker writes (:class:`WorkerEnv`), which checkpoint it resumes from
+(:func:`resolve_resume`), the checkpoint marker (:func:`write_checkpoint_marker`; whether a
+checkpoint is complete is decided by :mod:`orchestrator.checkpoints`, the same test the
+orchestrator uses), the stop flag set by signals (:class:`StopFlag`), the per-rank error
+record (:func:`write_error`) and the test-only fault injection (:func:`maybe_inject_fault`).
+Kept free of heavy imports so tests and the orchestrator can use them cheaply.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import channel, checkpoints
+
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """Where this attempt writes: from the orchestrator's variables, or ``output_dir`` by hand."""
+
+    progress: Path
+    attempt_dir: Path
+    attempt: int
+
+    @classmethod
+    def from_environ(cls, output_dir: str | os.PathLike, environ=None) -> "WorkerEnv":
+        env = os.environ if environ is None else environ
+        out = Path(output_dir).absolute()
+        run_dir = Path(env[channel.ENV_RUN_DIR]) if env.get(channel.ENV_RUN_DIR) else out
+        attempt_dir = Path(env[channel.ENV_ATTEMPT_DIR]) if env.get(channel.ENV_ATTEMPT_DIR) else out
+        return cls(run_dir / channel.PROGRESS_FILE, attempt_dir, int(env.get(channel.ENV_ATTEMPT) or 1))
+
+    @property
+    def status(self) -> Path:
+        return self.attempt_dir / channel.STATUS_FILE
+
+    def error_file(self, rank: int) -> Path:
+        return self.attempt_dir / channel.error_file_name(rank)
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+def checkpoint_files(path: str | os.PathLike) -> dict[str, int]:
+    """``{relative_path: size}`` of every file under a checkpoint, marker excluded."""
+    root = Path(path)
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != channel.CHECKPOINT_MARKER:
+            files[p.relative_to(root).as_posix()] = p.stat().st_size
+    return files
+
+
+def write_checkpoint_marker(path: str | os.PathLike, step: int, **extra) -> dict:
+    """Write the marker that says "every rank finished writing this checkpoint" (rank 0, after a barrier)."""
+    record = {"step": int(step), "files": checkpoint_files(path), **extra}
+    channel.write_json_atomic(Path(path) / channel.CHECKPOINT_MARKER, record)
+    return record
+
+
+def read_marker(path: str | os.PathLike) -> dict | None:
+    return channel.read_json(Path(path) / channel.CHECKPOINT_MARKER)
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """The orchestrator's own test (:mod:`orchestrator.checkpoints`): marker, state and files agree."""
+    m = _CHECKPOINT_RE.match(Path(path).name)
+    return bool(m) and checkpoints.verify_checkpoint(Path(path), int(m.group(1))).ok
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-N`` folders of ``output_dir``, oldest step first."""
+    return [p for _, p in reversed(checkpoints.list_checkpoints(output_dir))]
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest complete checkpoint, or ``None``."""
+    check, _skipped = checkpoints.newest_complete(output_dir)
+    return check.path if check else None
+
+
+def resolve_resume(
+    output_dir: str | os.PathLike, config_value: str | bool | None, environ=None
+) -> tuple[str | None, str]:
+    """``(checkpoint or None, why)`` following the precedence below.
+
+    1. ``$ORCHESTRATE_RESUME_FROM``: a path, or ``none`` (start fresh);
+    2. ``resume_from_checkpoint`` of the config (a path; ``true`` means "the latest");
+    3. the newest complete (marked) checkpoint of ``output_dir``;
+    4. by hand, with no markers at all: ``get_last_checkpoint``'s pick if it has ``trainer_state.json``.
+    """
+    env = os.environ if environ is None else environ
+    forced = (env.get(channel.ENV_RESUME_FROM) or "").strip()
+    if forced:
+        if forced.lower() == channel.RESUME_NONE:
+            return None, f"{channel.ENV_RESUME_FROM}=none"
+        if not (Path(forced) / TRAINER_STATE).is_file():
+            raise FileNotFoundError(f"{channel.ENV_RESUME_FROM}={forced}: not a checkpoint (no {TRAINER_STATE})")
+        return forced, channel.ENV_RESUME_FROM
+    if isinstance(config_value, str) and config_value.strip().lower() in ("", "false", "none"):
+        config_value = None
+    if isinstance(config_value, str) and config_value.strip().lower() != "true":
+        if not (Path(config_value) / TRAINER_STATE).is_file():
+            raise FileNotFoundError(f"resume_from_checkpoint={config_value}: not a checkpoint (no {TRAINER_STATE})")
+        return config_value, "resume_from_checkpoint"
+    marked = latest_complete_checkpoint(output_dir)
+    if marked is not None:
+        return str(marked), "latest complete checkpoint"
+    ckpts = list_checkpoints(output_dir)
+    if ckpts and not any(read_marker(c) for c in ckpts):
+        last = ckpts[-1]  # what transformers' get_last_checkpoint picks
+        if (last / TRAINER_STATE).is_file():
+            return str(last), "latest checkpoint (no markers: run by hand)"
+    if config_value is True or (isinstance(config_value, str) and config_value.strip().lower() == "true"):
+        raise FileNotFoundError(f"resume_from_checkpoint=true but no complete checkpoint in {output_dir}")
+    return None, "no checkpoint"
+
+
+def checkpoint_step(path: str | os.PathLike | None) -> int:
+    """Global step saved in a checkpoint's ``trainer_state.json`` (0 for none)."""
+    if not path:
+        return 0
+    return int((channel.read_json(Path(path) / TRAINER_STATE) or {}).get("global_step") or 0)
+
+
+def tokens_at_checkpoint(path: str | os.PathLike | None) -> int:
+    """Tokens seen over the whole job up to a checkpoint: its marker, else the last ``num_tokens`` logged."""
+    if not path:
+        return 0
+    marker = read_marker(path) or {}
+    if isinstance(marker.get("tokens"), (int, float)):
+        return int(marker["tokens"])
+    state = channel.read_json(Path(path) / TRAINER_STATE) or {}
+    for entry in reversed(state.get("log_history") or []):
+        if isinstance(entry.get("num_tokens"), (int, float)):
+            return int(entry["num_tokens"])
+    return 0
+
+
+# ---- signals, errors, faults -------------------------------------------------------------
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1/SIGUSR2; the handler only records the signal."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def _handler(self, signum, frame) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+
+    def install(self) -> "StopFlag":
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handler)
+        return self
+
+
+def write_error(path: Path, exc: BaseException, rank: int, phase: str, step: int) -> None:
+    """This rank's error record (atomic); never raises."""
+    try:
+        channel.write_json_atomic(path, {
+            "rank": rank, "type": type(exc).__name__, "message": str(exc), "phase": phase, "step": step,
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            "time": time.time(),
+        })
+    except Exception:  # noqa: BLE001 - reporting must not hide the original error
+        pass
+
+
+def parse_fault(spec: str | None, attempt: int) -> tuple[str, int, int] | None:
+    """``hang|crash|exit:RANK:STEP[:always]`` -> ``(kind, rank, step)``; ``None`` if off.
+
+    A fault fires in the first attempt only (so the retry can succeed) unless ``:always``.
+    """
+    if not spec:
+        return None
+    parts = spec.strip().split(":")
+    always = parts[-1] == "always"
+    if always:
+        parts = parts[:-1]
+    if len(parts) != 3 or parts[0] not in ("hang", "crash", "exit"):
+        raise ValueError(f"{channel.ENV_FAULT}={spec!r}: expected hang|crash|exit:RANK:STEP[:always]")
+    if attempt > 1 and not always:
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def maybe_inject_fault(fault: tuple[str, int, int] | None, rank: int, step: int) -> None:
+    """Test-only: simulate a stuck rank, a crash or a hard death at the start of ``step``."""
+    if fault is None or fault[1] != rank or fault[2] != step:
+        return
+    kind = fault[0]
+    if kind == "hang":
+        while True:  # the other ranks block in their next collective
+            time.sleep(3600)
+    if kind == "crash":
+        raise RuntimeError(f"injected fault ({channel.ENV_FAULT}): crash on rank {rank} at step {step}")
+    os.kill(os.getpid(), signal.SIGKILL)
