@@ -47,17 +47,17 @@ def verify_checkpoint(path: Path, step: int) -> CheckpointCheck:
         return CheckpointCheck(path, step, False, reason)
 
     marker = read_json(path / CHECKPOINT_MARKER)
-    if marker is None:
+    if not isinstance(marker, dict):
         return bad("no completion marker (the save did not finish)")
     if marker.get("step") != step:
         return bad(f"marker says step {marker.get('step')}, folder says {step}")
     state = read_json(path / "trainer_state.json")
-    if state is None:
+    if not isinstance(state, dict):
         return bad("trainer_state.json missing or unreadable")
     if state.get("global_step") != step:
         return bad(f"trainer_state.json global_step {state.get('global_step')} != {step}")
     files = marker.get("files") or {}
-    if not files:
+    if not isinstance(files, dict) or not files:
         return bad("marker lists no files")
     for rel, size in sorted(files.items()):
         f = path / rel
@@ -78,6 +78,8 @@ def _safetensors_header_ok(f: Path) -> bool:
             if n <= 0 or n > _MAX_HEADER:
                 return False
             header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            return False
         size = f.stat().st_size
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
         return 8 + n + max(ends, default=0) <= size

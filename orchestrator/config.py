@@ -192,8 +192,8 @@ def _check_fsdp(training: dict) -> tuple[list[str], list[str]]:
     notices, problems = [], []
     fsdp_on = bool(training.get("fsdp"))
     fc = training.get("fsdp_config")
-    if isinstance(fc, str):
-        return notices, problems  # a JSON file path: accelerate reads it
+    if fc is not None and not isinstance(fc, dict):
+        return notices, problems  # a JSON file path (accelerate reads it), or a type problem already reported
     fc = fc or {}
     if fc and not fsdp_on:
         problems.append("fsdp_config: set, but fsdp is off; add 'fsdp: true' or remove fsdp_config")
@@ -204,9 +204,18 @@ def _check_fsdp(training: dict) -> tuple[list[str], list[str]]:
         problems.append(f"fsdp_config.version: expected 1 or 2, got {version!r}")
     version = int(version) if str(version) in ("1", "2") else 2
     ckpt = str(fc.get("activation_checkpointing", "false")).lower() == "true"
-    if fsdp_on and ckpt and training.get("gradient_checkpointing"):
-        problems.append("gradient_checkpointing: true together with fsdp_config.activation_checkpointing: true; "
-                        "transformers refuses both, keep fsdp_config.activation_checkpointing")
+    if fsdp_on and ckpt:
+        # transformers 5 reads activation_checkpointing, falling back to its deprecated alias
+        # gradient_checkpointing, whose SFTConfig default is True: unset means on (Trainer refuses that).
+        key = next((k for k in ("activation_checkpointing", "gradient_checkpointing")
+                    if training.get(k) is not None), None)
+        if key is None:
+            training["activation_checkpointing"] = False
+            notices.append("activation_checkpointing: set to false (TRL turns it on by default; "
+                           "fsdp_config.activation_checkpointing does the checkpointing under FSDP)")
+        elif training[key]:
+            problems.append(f"{key}: true together with fsdp_config.activation_checkpointing: true; "
+                            "transformers refuses both, keep fsdp_config.activation_checkpointing")
     sdt = fc.get("state_dict_type")
     if sdt is not None and sdt not in ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT"):
         problems.append(f"fsdp_config.state_dict_type: expected FULL_STATE_DICT or SHARDED_STATE_DICT, got {sdt!r}")

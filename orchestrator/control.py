@@ -36,16 +36,15 @@ def check_resumable(job: Job) -> None:
 
 
 def _takeover(ledger: Ledger, job: Job, backend) -> tuple[AttemptHandle | None, bool]:
-    """Find a still-running attempt to follow again, or close the open one as lost."""
+    """The open attempt to follow again (running or not), and whether the budget starts afresh."""
     check_resumable(job)
     last = job.attempts[-1] if job.attempts else None
     if last is not None and last.ended is None:
+        # Follow the open attempt again: if it is still running we wait for it, if it
+        # ended meanwhile its exit record and status files say how (no second copy starts).
         handle = AttemptHandle(job_id=job.id, attempt=last.n, pid=last.pid or 0,
                                attempt_dir=str(load_plan(job).paths.attempt_dir(last.n)))
-        if last.pid and backend.reattach(handle):
-            return handle, False
-        ledger.update_attempt(job.id, last.n, ended=time.time(), failure=Failure.WORKER_LOST.value,
-                              gained_checkpoint=0, message="the supervisor was lost while this attempt ran")
+        return handle, False
     # A job that had ended (FAILED/CANCELLED) gets a fresh retry budget when resumed by hand.
     return None, job.state.is_terminal
 

@@ -167,8 +167,9 @@ class Ledger:
     def find(self, prefix: str) -> list[str]:
         """Job ids equal to or starting with ``prefix`` (so users can type a short id)."""
         with self._conn() as c:
-            rows = c.execute("SELECT id FROM jobs WHERE id = ? OR id LIKE ? ORDER BY created",
-                             (prefix, prefix.replace("%", "") + "%")).fetchall()
+            # Not LIKE: it is case-insensitive and treats '_' (allowed in ids) as a wildcard.
+            rows = c.execute("SELECT id FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY created",
+                             (len(prefix), prefix)).fetchall()
         ids = [r["id"] for r in rows]
         return [prefix] if prefix in ids else ids
 

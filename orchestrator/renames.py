@@ -87,6 +87,8 @@ def _translate_fsdp_string(out: dict, fsdp: str | list, notices: list[str], prob
     if len(strategies) > 1:
         problems.append(f"fsdp: contradictory sharding strategies {strategies}; choose one")
         return
+    if out.get("fsdp_config") is not None and not isinstance(out["fsdp_config"], dict):
+        return  # fsdp_config is a JSON file (or a type problem reported later): transformers applies the string
     fsdp_config = dict(out.get("fsdp_config") or {})
     version = int(fsdp_config.get("version", 2)) if str(fsdp_config.get("version", 2)).isdigit() else 2
     if strategies:

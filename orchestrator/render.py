@@ -5,6 +5,7 @@ same functions serve ``status --once``, the live view and the tests.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -32,12 +33,15 @@ class Snapshot:
 
 
 def sparkline(values: list[float], width: int = 24) -> str:
+    """One character per value; a non-finite value (a diverged loss: NaN/inf) shows as '!'."""
     if not values:
         return ""
     values = values[-width:]
-    lo, hi = min(values), max(values)
+    finite = [v for v in values if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
     span = (hi - lo) or 1.0
-    return "".join(_SPARK[min(len(_SPARK) - 1, int((v - lo) / span * (len(_SPARK) - 1)))] for v in values)
+    return "".join(_SPARK[min(len(_SPARK) - 1, int((v - lo) / span * (len(_SPARK) - 1)))]
+                   if math.isfinite(v) else "!" for v in values)
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -1,11 +1,14 @@
 """One job-state enum, one failure-class enum, and the one table that maps the
-outside world (torchrun exit codes, the worker's status record, later SLURM
-states) into them. Nothing else in the package interprets raw exit codes.
+outside world (torchrun exit codes, the worker's status record, SLURM states via
+``slurm_states.SLURM_STATES``) into them. Nothing else in the package interprets raw exit codes.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from signal import SIGTERM
+
+from .channel import EXIT_STOPPED
 
 
 class JobState(str, enum.Enum):
@@ -48,9 +51,8 @@ _TRANSIENT = frozenset(
      Failure.CRASHED}
 )
 
-# Exit status of a worker that stopped gracefully on a signal (EX_TEMPFAIL). The
-# worker sets it; orchestrator.agent passes a worker's positive code through.
-EXIT_STOPPED = 75
+# A worker that stopped gracefully on a signal exits EXIT_STOPPED (75, EX_TEMPFAIL);
+# torchrun itself exits 1 then, so orchestrator.agent passes the ranks' code through.
 
 # Exception types that mean "the job itself is wrong", raised before training starts.
 USER_ERROR_TYPES = frozenset(
@@ -86,9 +88,24 @@ def classify(o: Outcome) -> Failure:
         # Training finished and the final status was written; an abort during
         # process-group teardown afterwards lost no work (see notes/cpu-training.md).
         return Failure.COMPLETED
+    # A scheduler's verdict on what only it knows (cancelled from outside, node failure, time
+    # limit, memory limit): the SLURM state table in slurm_states.py, put into the merged
+    # agent.json by backends/slurm.py (issue 4). None for a plain COMPLETED/FAILED job.
+    if (o.agent or {}).get("scheduler_failure"):
+        return Failure(o.agent["scheduler_failure"])
+    if o.agent is None and o.returncode not in (0, None, EXIT_STOPPED):
+        # The torchrun agent itself died without its record (kill -9): whatever the
+        # orphaned ranks did afterwards (the supervisor stops them), the agent was lost.
+        return Failure.WORKER_LOST
     rank_codes = [f.get("exitcode") for f in ((o.agent or {}).get("failures") or {}).values()]
     if o.worker_state == "stopped" or o.returncode == EXIT_STOPPED or EXIT_STOPPED in rank_codes:
         return Failure.PREEMPTED
+    if any(isinstance(c, int) and c < 0 and c != -SIGTERM for c in rank_codes):
+        # A rank died from a signal (kill -9, the OOM killer); errors on the other ranks
+        # (connection reset in a collective) are echoes of that death, not the cause.
+        # SIGTERM is not counted: torchrun sends it to the survivors once one rank failed,
+        # and a worker given SIGTERM from outside stops gracefully (exit 75) instead.
+        return Failure.KILLED
     if o.error:
         etype, msg = o.error.get("type", ""), str(o.error.get("message", "")).lower()
         if etype in _OOM_TYPES or "out of memory" in msg:
@@ -98,10 +115,6 @@ def classify(o: Outcome) -> Failure:
         if o.error.get("phase") == "setup" and etype in USER_ERROR_TYPES:
             return Failure.USER_ERROR
         return Failure.CRASHED
-    if any(isinstance(c, int) and c < 0 for c in rank_codes):
-        return Failure.KILLED          # a rank died from a signal (kill -9, OOM killer)
-    if o.agent is None and o.returncode is not None and o.returncode != 0:
-        return Failure.WORKER_LOST     # the torchrun agent itself died without a record
     return Failure.WORKER_LOST
 
 

@@ -168,6 +168,10 @@ class Supervisor:
             self._beat()
             self.sleep(POLL_S)
         rc = self.backend.poll(handle) if rc is None else rc
+        if not (stalled or cancelled):
+            # Ranks outlive a dead torchrun agent (they run in sessions of their own) and
+            # would keep writing checkpoints beside the next attempt: end whatever is left.
+            self._kill(handle, grace_s=3.0)
         follower.poll()
         self.ledger.update_job(self.plan.job_id, step=follower.state.step, max_steps=follower.state.max_steps,
                                distributed_type=follower.state.distributed_type)
@@ -194,11 +198,11 @@ def first_error(attempt_dir: Path) -> dict | None:
 
 
 def _error_line(o: Outcome) -> str:
+    for rank, f in sorted(((o.agent or {}).get("failures") or {}).items()):
+        if f.get("signal") and f["signal"] != "SIGTERM":  # SIGTERM: torchrun ending the survivors
+            return f"rank {rank} killed by {f['signal']}"
     if o.error:
         return f"rank {o.error.get('rank')}: {o.error.get('type')}: {str(o.error.get('message', ''))[:300]}"
-    for rank, f in sorted(((o.agent or {}).get("failures") or {}).items()):
-        if f.get("signal"):
-            return f"rank {rank} killed by {f['signal']}"
     if o.agent is None and o.returncode not in (0, None):
         return f"torchrun agent ended with status {o.returncode} and left no record"
     return ""
