@@ -1,0 +1,99 @@
+"""Helpers for the integration tests that drive the real CLI (real torchrun, 2 CPU ranks)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp: Path, assets: Path, name: str = "job", launch: dict | None = None, **overrides) -> Path:
+    """configs/demo.yaml with the model/data of ``assets`` and ``overrides`` applied."""
+    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    cfg["model_id"] = str(assets / "model")
+    cfg["dataset_path"] = str(assets / "data")
+    cfg.update(overrides)
+    base_launch = cfg.get("launch") or {}
+    cfg["launch"] = {**base_launch, "nproc_per_node": 2, **(launch or {})}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def env_for(home: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATE_")}
+    env["ORCHESTRATE_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def orch(home: Path, *args: str, cwd: Path | None = None, timeout: float = 300, env_extra=None,
+         **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env_for(home, **(env_extra or {})),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def start_orch(home: Path, *args: str, cwd: Path | None = None, env_extra=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd,
+                            env=env_for(home, **(env_extra or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def status(home: Path, job_id: str) -> dict:
+    r = orch(home, "status", job_id, "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy (files and the ledger are the events)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def progress(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "progress.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def max_logged_step(run_dir) -> int:
+    return max((r.get("step", 0) for r in progress(run_dir) if r.get("event") == "log"), default=0)
+
+
+def job_processes(job_id: str) -> list[int]:
+    """PIDs of live processes tagged with the job id (what must be gone after cancel)."""
+    pids = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("ORCHESTRATE_JOB_ID") == job_id and p.status() != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def single_job_id(home: Path) -> str:
+    r = orch(home, "list", "--json", timeout=60)
+    jobs = json.loads(r.stdout)
+    assert len(jobs) == 1, jobs
+    return jobs[0]["id"]
