@@ -124,6 +124,9 @@ class Supervisor:
             self._event(f"skipping {check.path.name}: {check.reason}")
         if good:
             return str(good.path), None
+        given = self.plan.worker_config.get("resume_from_checkpoint")
+        if isinstance(given, str) and given.lower() not in ("", "true", "false", "none"):
+            return given, None  # the user's own starting point (e.g. a checkpoint of a manual run)
         if list_checkpoints(self.plan.output_dir) and not self.plan.retry.restart_from_scratch:
             return None, (f"checkpoints exist in {self.plan.output_dir} but none is complete; not starting "
                           "over silently (set launch.retry.restart_from_scratch: true to allow it)")
