@@ -47,7 +47,7 @@ def test_detach_prints_only_the_job_id_and_cancel_leaves_no_process(tmp_path, de
     assert r.stdout == job_id + "\n"
     run_dir = status(home, job_id)["run_dir"]
     wait_for(lambda: any(x["event"] == "log" for x in progress(run_dir)), 120, "the first training step")
-    assert len(job_processes(job_id)) >= 4  # supervisor, torchrun agent and 2 ranks (tagged: agent + ranks)
+    assert len(job_processes(job_id)) >= 3  # the torchrun agent and 2 ranks carry the job tag
     r = orch(home, "cancel", job_id, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert status(home, job_id)["state"] == "CANCELLED"

@@ -1,0 +1,223 @@
+"""The supervisor loop against a scripted backend: fast, deterministic, no processes.
+
+Each scripted attempt writes what a real worker would (progress records, checkpoints,
+status/error files, agent record) and then ends with a given exit status. The clock
+is fake: waits and the watchdog run in simulated time. The real thing (torchrun) is
+covered by the integration tests; this pins the loop's decisions.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from helpers import job_config, make_checkpoint
+from orchestrator import channel
+from orchestrator.backends.base import AttemptHandle
+from orchestrator.launch_config import RetryPolicy, WatchdogPolicy
+from orchestrator.ledger import Ledger
+from orchestrator.plan import make_plan
+from orchestrator.states import JobState
+from orchestrator.supervisor import Supervisor
+from orchestrator.topology import Topology
+
+
+@dataclass
+class Script:
+    """What one attempt does: steps trained, checkpoints written, how it ends."""
+
+    steps: list[int] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+    unmarked_checkpoints: list[int] = field(default_factory=list)
+    worker_state: str | None = None          # status.json state
+    error: dict | None = None                # error-rank0.json
+    failures: dict | None = None             # agent.json failures
+    returncode: int | None = 1               # None: runs until killed
+    agent_record: bool = True
+
+
+class ScriptedBackend:
+    name = "local"
+
+    def __init__(self, plan, scripts):
+        self.plan, self.scripts = plan, list(scripts)
+        self.started: list[tuple[int, str | None]] = []
+        self.killed: list[int] = []
+        self.rc: dict[int, int | None] = {}
+
+    def start(self, plan, attempt, resume_from):
+        self.started.append((attempt, resume_from))
+        s = self.scripts.pop(0)
+        adir = plan.paths.attempt_dir(attempt)
+        adir.mkdir(parents=True)
+        for step in s.steps:
+            channel.append_jsonl(plan.paths.progress, {"event": "log", "attempt": attempt, "step": step,
+                                                       "max_steps": 10, "loss": 1.0, "time": time.time()})
+        for step in s.checkpoints:
+            make_checkpoint(Path(plan.output_dir), step)
+        for step in s.unmarked_checkpoints:
+            make_checkpoint(Path(plan.output_dir), step, marker=False)
+        if s.worker_state:
+            channel.write_json_atomic(adir / channel.STATUS_FILE, {"state": s.worker_state})
+        if s.error:
+            channel.write_json_atomic(adir / "error-rank0.json", {"rank": 0, "time": 1.0, **s.error})
+        if s.agent_record and s.returncode is not None:
+            channel.write_json_atomic(adir / channel.AGENT_RECORD_FILE,
+                                      {"exit_code": s.returncode, "failures": s.failures or {}})
+        self.rc[attempt] = s.returncode
+        return AttemptHandle(job_id=plan.job_id, attempt=attempt, pid=1000 + attempt, attempt_dir=str(adir))
+
+    def poll(self, handle):
+        return self.rc[handle.attempt]
+
+    def signal(self, handle, signame):
+        pass
+
+    def kill(self, handle, grace_s=10.0):
+        self.killed.append(handle.attempt)
+        if self.rc[handle.attempt] is None:
+            self.rc[handle.attempt] = -9
+        return []
+
+    def reattach(self, handle):
+        return False
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+        self.slept = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, s):
+        self.now += s
+        self.slept += s
+
+
+def _run(tmp_path, scripts, retry=None, watchdog=None):
+    cfg = job_config(retry=retry or RetryPolicy(backoff_s=2.0), watchdog=watchdog or WatchdogPolicy())
+    plan = make_plan(cfg, Topology(0, 2), job_id="j-1", home=tmp_path, python="python", worker_script="w.py",
+                     workdir=str(tmp_path))
+    plan.paths.run_dir.mkdir(parents=True)
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.create_job(job_id="j-1", name="t", backend="local", run_dir=plan.run_dir, config_path="c",
+                      output_dir=plan.output_dir)
+    backend = ScriptedBackend(plan, scripts)
+    clock = FakeClock()
+    events: list[str] = []
+    state = Supervisor(plan, ledger, backend, on_event=events.append, clock=clock, sleep=clock.sleep).run()
+    return state, ledger.get("j-1"), backend, clock, events
+
+
+KILLED = {"1": {"exitcode": -9, "signal": "SIGKILL"}}
+
+
+def test_a_killed_attempt_resumes_from_its_checkpoint_after_backoff(tmp_path):
+    state, job, backend, clock, _ = _run(tmp_path, [
+        Script(steps=[1, 2, 3, 4, 5, 6], checkpoints=[5], failures=KILLED),
+        Script(steps=[6, 7, 8, 9, 10], checkpoints=[10], worker_state="completed", returncode=0),
+    ])
+    assert state is JobState.COMPLETED
+    assert [a.failure for a in job.attempts] == ["KILLED", "COMPLETED"]
+    assert backend.started[0] == (1, None)
+    assert backend.started[1][1].endswith("checkpoint-5")
+    assert job.attempts[1].resumed_from.endswith("checkpoint-5") and job.attempts[1].start_step == 5
+    assert clock.slept >= 2.0  # backoff_s before the retry
+    assert job.step == 10
+
+
+def test_user_error_fails_after_one_attempt(tmp_path):
+    state, job, backend, _, events = _run(tmp_path, [
+        Script(error={"type": "ValueError", "message": "data.json: line 3: no 'messages'", "phase": "setup"}),
+    ])
+    assert state is JobState.FAILED
+    assert [a.failure for a in job.attempts] == ["USER_ERROR"]
+    assert "no 'messages'" in job.attempts[0].message
+    assert "not retried" in job.message
+    assert len(backend.started) == 1
+
+
+def test_oom_is_not_retried_and_says_what_to_change(tmp_path):
+    state, job, _, _, _ = _run(tmp_path, [
+        Script(steps=[1], error={"type": "OutOfMemoryError", "message": "CUDA out of memory", "phase": "train"}),
+    ])
+    assert state is JobState.FAILED
+    assert "per_device_train_batch_size" in job.message
+
+
+def test_checkpoints_exist_but_none_is_complete_stops_instead_of_starting_over(tmp_path):
+    state, job, backend, _, _ = _run(tmp_path, [
+        Script(steps=[1, 2, 3, 4, 5], unmarked_checkpoints=[5], failures=KILLED),
+    ])
+    assert state is JobState.FAILED
+    assert "none is complete" in job.message and len(backend.started) == 1
+
+
+def test_incomplete_newest_checkpoint_is_skipped_for_the_previous(tmp_path):
+    state, job, backend, _, events = _run(tmp_path, [
+        Script(steps=list(range(1, 8)), checkpoints=[3], unmarked_checkpoints=[6], failures=KILLED),
+        Script(steps=list(range(4, 11)), worker_state="completed", returncode=0),
+    ])
+    assert state is JobState.COMPLETED
+    assert backend.started[1][1].endswith("checkpoint-3")
+    assert any("skipping checkpoint-6" in e for e in events)
+
+
+def test_a_silent_attempt_is_stalled_killed_and_resumed(tmp_path):
+    wd = WatchdogPolicy(stall_factor=5, stall_floor_s=30, startup_timeout_s=100)
+    state, job, backend, clock, _ = _run(tmp_path, [
+        Script(steps=[1, 2], checkpoints=[2], returncode=None),   # then hangs forever
+        Script(steps=[3, 4], worker_state="completed", returncode=0),
+    ], watchdog=wd)
+    assert state is JobState.COMPLETED
+    assert [a.failure for a in job.attempts] == ["STALLED", "COMPLETED"]
+    assert backend.killed[0] == 1
+    assert 30 <= clock.now < 60  # the floor, not the 100 s startup timeout: progress had been seen
+
+
+def test_attempts_without_a_new_checkpoint_stop_the_job(tmp_path):
+    state, job, backend, _, _ = _run(tmp_path, [
+        Script(steps=[1], failures=KILLED), Script(steps=[1], failures=KILLED), Script(steps=[1], failures=KILLED),
+    ], retry=RetryPolicy(backoff_s=1, max_restarts=5, max_no_progress=2))
+    assert state is JobState.FAILED
+    assert len(backend.started) == 2
+    assert "saved no new checkpoint" in job.message
+
+
+def test_restart_budget_is_one_per_job(tmp_path):
+    scripts = [Script(steps=[s], checkpoints=[s], failures=KILLED) for s in (1, 2, 3)]
+    state, job, backend, clock, _ = _run(tmp_path, scripts, retry=RetryPolicy(backoff_s=1, max_restarts=2))
+    assert state is JobState.FAILED
+    assert len(backend.started) == 3 and "budget" in job.message
+    assert clock.slept >= 1 + 2  # exponential backoff: 1 s, then 2 s
+
+
+def test_preemption_resumes_at_once_without_charging_the_budget(tmp_path):
+    scripts = [Script(steps=[s], checkpoints=[s], worker_state="stopped", returncode=75) for s in (1, 2, 3)]
+    scripts.append(Script(steps=[4], worker_state="completed", returncode=0))
+    state, job, _, clock, _ = _run(tmp_path, scripts, retry=RetryPolicy(backoff_s=5, max_restarts=0))
+    assert state is JobState.COMPLETED
+    assert [a.failure for a in job.attempts] == ["PREEMPTED"] * 3 + ["COMPLETED"]
+    assert clock.slept < 5
+
+
+def test_cancel_request_ends_the_attempt_and_the_job(tmp_path):
+    cfg_scripts = [Script(steps=[1], returncode=None)]
+    cfg = job_config()
+    plan = make_plan(cfg, Topology(0, 2), job_id="j-1", home=tmp_path, python="p", worker_script="w",
+                     workdir=str(tmp_path))
+    plan.paths.run_dir.mkdir(parents=True)
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.create_job(job_id="j-1", name="t", backend="local", run_dir=plan.run_dir, config_path="c",
+                      output_dir=plan.output_dir)
+    backend = ScriptedBackend(plan, cfg_scripts)
+    clock = FakeClock()
+    sup = Supervisor(plan, ledger, backend, clock=clock, sleep=lambda s: (clock.sleep(s), setattr(
+        sup, "cancel_requested", clock.now > 3)))
+    assert sup.run() is JobState.CANCELLED
+    assert backend.killed == [1]
+    assert ledger.get("j-1").attempts[0].failure == "CANCELLED"
