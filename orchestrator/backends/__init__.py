@@ -10,6 +10,10 @@ def get_backend(name: str) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend()
+    if name == "slurm":  # issue 4
+        from .slurm import SlurmBackend
+
+        return SlurmBackend()
     raise ValueError(f"unknown backend {name!r}")
 
 

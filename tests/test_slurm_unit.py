@@ -1,0 +1,566 @@
+"""SLURM backend, fast: config validation, the state table, parsers of recorded real output,
+the generated sbatch script (golden per profile), hostile paths, the node launcher's signal
+forwarding, and the backend against a fake SLURM at the subprocess seam.
+
+Goldens: ``tests/golden/slurm/<profile>.dryrun.txt`` hold ``describe_plan`` of a plan using each
+profile of ``slurm_templates/``; regenerate with ``UPDATE_GOLDEN=1 pytest tests/test_slurm_unit.py``.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import channel, slurm_plan
+from orchestrator.backends import get_backend
+from orchestrator.backends.base import AttemptHandle
+from orchestrator.backends.slurm import SlurmBackend, SlurmQueue, exit_status, preflight, publish, submit
+from orchestrator.backends.slurm_node import first_node_address, run_agent
+from orchestrator.config import ConfigError, JobConfig
+from orchestrator.launch_config import LaunchSettings, parse_launch
+from orchestrator.plan import describe_plan, make_plan
+from orchestrator.slurm_config import available_profiles, parse_slurm, parse_time
+from orchestrator.slurm_states import (SLURM_STATES, lookup, normalize_state, parse_sacct, parse_sbatch_parsable,
+                                       parse_squeue)
+from orchestrator.states import Failure, JobState, Outcome, classify
+from orchestrator.topology import Topology
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "slurm"
+HOME = Path("/home/u/.orchestrate")
+JOB = "demo-0101-abcdef"
+PROFILES = sorted(available_profiles())
+TRAINING = {"model_id": "/models/tiny", "dataset_path": "/data/chat", "max_steps": 40, "save_steps": 10,
+            "fsdp": True, "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
+HOSTILE = "/tmp/we ird 'home' \"q\" $(touch pwned) `id` ;&|"
+
+
+def slurm_config(slurm: dict, nproc: int | str = 2, name: str = "demo") -> JobConfig:
+    settings, problems = parse_slurm(slurm, required=True)
+    assert problems == []
+    launch = LaunchSettings(name=name, backend="slurm", nproc_per_node=nproc, slurm=settings)
+    return JobConfig(source=Path("/cfg/demo.yaml"), training=dict(TRAINING), launch=launch)
+
+
+def plan_of(cfg: JobConfig, home: Path = HOME, **kw):
+    args = dict(job_id=JOB, home=home, python="/opt/venv/bin/python", worker_script="/opt/orchestrate/train_worker.py",
+                workdir="/home/u/project")
+    return make_plan(cfg, Topology(gpus=0, cpus=2), **{**args, **kw})
+
+
+# ---- config validation -------------------------------------------------------------------
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_shipped_profile_is_valid(profile):
+    settings, problems = parse_slurm({"profile": profile}, required=True)
+    assert problems == [] and settings["time_min"] >= 1 and settings["profile"] == profile
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("30", 30), (90, 90), ("10:30", 11), ("01:00:00", 60), ("100:00:00", 6000), ("2-00", 2880),
+    ("1-12:30", 2190), ("1-00:00:01", 1441)])
+def test_time_formats(text, minutes):
+    settings, problems = parse_slurm({"time": text}, required=True)
+    assert problems == [] and settings["time_min"] == minutes
+
+
+@pytest.mark.parametrize("bad", ["1h", "1:2:3:4", "10:61", "1-25:00", "0", "-5", "", True, 1.5, "1-00:00:99"])
+def test_bad_time_formats_name_every_valid_form(bad):
+    _, problem = parse_time(bad)
+    assert problem and ("MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS" in problem or "longer than 0" in problem)
+
+
+def test_every_problem_at_once_with_key_paths_and_hints():
+    _, problems = parse_slurm({"partiton": "gpu", "time": "2h", "nodes": 0, "mem": "4X", "signal": "HUP",
+                               "extra": {"time": "5", "export": "NONE", "bad opt": 1, "reservation": "r"},
+                               "setup": ["ok", "two\nlines"], "exclusive": "yes"}, required=True)
+    text = "\n".join(problems)
+    for want in ["launch.slurm.partiton: unknown key (did you mean 'partition'?)", "launch.slurm.time: expected MM",
+                 "launch.slurm.nodes: expected a whole number >= 1", "launch.slurm.mem: expected memory",
+                 "launch.slurm.signal: expected USR1, USR2 or TERM", "launch.slurm.extra.time: not allowed here (use "
+                 "launch.slurm.time)", "launch.slurm.extra.export: not allowed here (--export would strip",
+                 "launch.slurm.extra.bad opt: not an sbatch option name", "launch.slurm.setup: expected",
+                 "launch.slurm.exclusive: expected true or false"]:
+        assert want in text
+    assert len(problems) == 10 and "required" not in text  # a bad time is not also reported missing
+
+
+def test_profile_is_overridden_field_by_field_and_extra_is_merged():
+    settings, problems = parse_slurm({"profile": "gpu-cluster", "nodes": 4, "time": "02:00:00",
+                                      "extra": {"mail-type": "END"}}, required=True)
+    assert problems == []
+    assert settings["nodes"] == 4 and settings["time_min"] == 120 and settings["gpus_per_node"] == 8
+    assert settings["extra"] == {"hint": "nomultithread", "mail-type": "END"}
+
+
+def test_unknown_profile_lists_the_available_ones(tmp_path):
+    (tmp_path / "site.yaml").write_text("partition: p\ntime: 10\nnodse: 2\ndescription: x\n")
+    _, problems = parse_slurm({"profile": "gpu-clustr"}, required=True, dirs=[tmp_path])
+    assert "no profile 'gpu-clustr'" in problems[0] and "available: ['site']" in problems[0]
+    _, problems = parse_slurm({"profile": "site"}, required=True, dirs=[tmp_path])
+    assert problems == [f"{tmp_path / 'site.yaml'}: nodse: unknown key (did you mean 'nodes'?)"]
+
+
+def test_time_is_required_only_for_backend_slurm():
+    assert parse_slurm(None, required=False)[1] == []
+    assert "launch.slurm.time: required" in parse_slurm(None, required=True)[1][0]
+    settings, problems = parse_launch({"backend": "slurm", "nproc_per_node": 2, "slurm": {"profile": "local-lab"}})
+    assert problems == [] and settings.slurm["partition"] == "debug"
+    _, problems = parse_launch({"backend": "slurm", "slurm": {"tme": 5}})
+    assert problems == ["launch.slurm.tme: unknown key (did you mean 'time'?)",
+                        "launch.slurm.time: required for backend slurm (the job's time limit, e.g. 04:00:00 or "
+                        "2-00:00:00); set it here or in the profile"]
+
+
+# ---- the state table ------------------------------------------------------------------------
+
+_P, _R, _Q, _C, _F, _X = (JobState.PENDING, JobState.RUNNING, JobState.RESUMING, JobState.COMPLETED,
+                          JobState.FAILED, JobState.CANCELLED)
+
+
+@pytest.mark.parametrize("state, active, job_state, verdict", [
+    ("PENDING", True, _P, None), ("RUNNING", True, _R, None), ("REQUEUED", True, _Q, None),
+    ("COMPLETING", True, _R, None), ("SUSPENDED", True, _R, None), ("CONFIGURING", True, _R, None),
+    ("COMPLETED", False, _C, None), ("FAILED", False, _F, None), ("CANCELLED", False, _X, Failure.CANCELLED),
+    ("TIMEOUT", False, _Q, Failure.PREEMPTED), ("PREEMPTED", False, _Q, Failure.PREEMPTED),
+    ("NODE_FAIL", False, _Q, Failure.WORKER_LOST), ("BOOT_FAIL", False, _Q, Failure.WORKER_LOST),
+    ("OUT_OF_MEMORY", False, _F, Failure.OOM), ("DEADLINE", False, _F, Failure.USER_ERROR)])
+def test_state_table(state, active, job_state, verdict):
+    row = SLURM_STATES[state]
+    assert (row.active, row.job_state, row.verdict) == (active, job_state, verdict)
+
+
+def test_state_names_are_normalised():
+    assert normalize_state("CANCELLED by 1000") == "CANCELLED"
+    assert normalize_state("CANCELLED+") == "CANCELLED"
+    assert normalize_state("CA") == "CANCELLED" and normalize_state("OOM") == "OUT_OF_MEMORY"
+    assert lookup("SOMETHING_PENDING").active and not lookup("WEIRD_END").active
+
+
+@pytest.mark.parametrize("verdict, worker_state, want", [
+    ("CANCELLED", "stopped", Failure.CANCELLED),      # scancel: the ranks stopped gracefully, still the user's cancel
+    ("CANCELLED", "completed", Failure.COMPLETED),    # finished before the cancel landed: nothing lost
+    ("PREEMPTED", None, Failure.PREEMPTED),           # TIMEOUT/PREEMPTED: resume from the verified checkpoint
+    ("OOM", None, Failure.OOM), ("WORKER_LOST", None, Failure.WORKER_LOST), (None, "stopped", Failure.PREEMPTED)])
+def test_scheduler_verdict_in_the_one_classify_table(verdict, worker_state, want):
+    agent = {"exit_code": 75, "failures": {}, "scheduler_failure": verdict}
+    assert classify(Outcome(returncode=75, agent=agent, worker_state=worker_state)) is want
+
+
+# ---- parsers, on recorded real output (Slurm 22.05.8, scripts/slurm-lab.sh) ----------------------
+
+BANNER = "Welcome to the lab cluster! Quota on /home: 91% used. Job 7 of the docs: see https://wiki\n"
+SBATCH_OUT = BANNER + "22\n"
+SQUEUE_OUT = BANNER + textwrap.dedent("""\
+    20|CANCELLED|None|n2
+    16|COMPLETED|None|n1
+    17|FAILED|NonZeroExitCode|n1
+    19|PENDING|BeginTime|
+    18|RUNNING|None|n2
+    21|RUNNING|None|n2
+    25|TIMEOUT|TimeLimit|n1
+    """)
+SACCT_OUT = BANNER + "JobIDRaw|State|ExitCode|Reason|NodeList\n" + textwrap.dedent("""\
+    16|COMPLETED|0:0|None|n1
+    16.batch|COMPLETED|0:0||n1
+    17|FAILED|3:0|None|n1
+    18|RUNNING|0:0|None|n2
+    19|PENDING|0:0|BeginTime|None assigned
+    20|CANCELLED by 0|0:0|None|n2
+    21|REQUEUED|0:0|None|n1
+    21|RUNNING|0:0|BeginTime|n2
+    25|TIMEOUT|0:0|None|n1
+    """)
+
+
+def test_sbatch_parsable_skips_a_login_banner():
+    assert parse_sbatch_parsable(SBATCH_OUT) == "22"
+    assert parse_sbatch_parsable("sbatch: note: 3 jobs queued\n4242;lab\n") == "4242"
+    with pytest.raises(ValueError):
+        parse_sbatch_parsable(BANNER)
+
+
+def test_squeue_and_sacct_parsers_on_recorded_output():
+    q = parse_squeue(SQUEUE_OUT)
+    assert {k: v.state for k, v in q.items()} == {"20": "CANCELLED", "16": "COMPLETED", "17": "FAILED",
+                                                  "19": "PENDING", "18": "RUNNING", "21": "RUNNING",
+                                                  "25": "TIMEOUT"}
+    assert q["19"].reason == "BeginTime" and q["19"].active and not q["20"].active
+    a = parse_sacct(SACCT_OUT)
+    assert sorted(a) == ["16", "17", "18", "19", "20", "21", "25"]  # no banner, header or step line
+    assert (a["17"].exit_code, a["17"].state) == (3, "FAILED")
+    assert a["20"].state == "CANCELLED" and a["20"].raw_state == "CANCELLED by 0"
+    assert a["21"].state == "RUNNING"  # --duplicates: the latest record of a requeued job wins
+    assert a["25"].row.verdict is Failure.PREEMPTED and q["25"].reason == "TimeLimit"
+
+
+# ---- planning: layout, per-node command, the sbatch script -------------------------------------
+
+@pytest.mark.parametrize("slurm, nproc, want", [
+    ({"time": 5, "gpus_per_node": 8, "nodes": 2}, "auto", (2, 8, "cuda", None)),
+    ({"time": 5, "gpus_per_node": 8}, 4, (1, 4, "cuda", None)),
+    ({"time": 5, "cpus_per_task": 8}, 2, (1, 2, "cpu", "4")),
+    ({"time": 5, "nodes": 2}, "auto", (2, 1, "cpu", "1")),
+])
+def test_layout_comes_from_the_allocation_not_this_host(slurm, nproc, want):
+    plan = plan_of(slurm_config(slurm, nproc=nproc))
+    assert (plan.nnodes, plan.nproc_per_node, plan.device, plan.env.get("OMP_NUM_THREADS")) == want
+    assert plan.world_size == want[0] * want[1] and plan.worker_config.get("use_cpu") is (want[2] == "cpu" or None)
+
+
+def test_more_processes_than_gpus_is_refused():
+    with pytest.raises(ConfigError) as e:
+        plan_of(slurm_config({"time": 5, "gpus_per_node": 2}, nproc=4))
+    assert "launch.nproc_per_node: 4 processes per node but launch.slurm.gpus_per_node is 2" in e.value.problems
+
+
+def test_per_node_command_rendezvous_and_port():
+    plan = plan_of(slurm_config({"profile": "local-lab", "nodes": 2}))
+    argvs = [slurm_plan.node_argv(plan, 3, node=n, nnodes=2, endpoint="10.0.0.1:20123", rdzv_id="123",
+                                  python="/py") for n in (0, 1)]
+    for node, argv in enumerate(argvs):
+        assert argv[:3] == ["/py", "-m", "orchestrator.agent"]
+        assert {"--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2", "--rdzv-backend=static",
+                "--rdzv-endpoint=10.0.0.1:20123", "--rdzv-id=123", "--max-restarts=0"} <= set(argv)
+        assert f"--log-dir={HOME}/runs/{JOB}/attempts/3/ranks/node{node}" in argv
+        assert argv[-3:] == [plan.worker_script, "--config", f"{HOME}/runs/{JOB}/worker_config.yaml"]
+    assert slurm_plan.rendezvous_port("123") == slurm_plan.rendezvous_port("123") == 20123
+    assert slurm_plan.rendezvous_port("98765") == 28765 and slurm_plan.rendezvous_port("7_3") == 20073
+    env = slurm_plan.node_env(plan, 3, "/ck/checkpoint-8", node=1, slurm_job_id="123")
+    assert env[channel.ENV_ATTEMPT_DIR] == f"{HOME}/runs/{JOB}/attempts/3/nodes/1"
+    assert env[channel.ENV_RESUME_FROM] == "/ck/checkpoint-8" and env["ACCELERATE_USE_FSDP"] == "1"
+    assert env[channel.ENV_STOP_SIGNALS] == "SIGUSR2"
+    usr1 = plan_of(slurm_config({"profile": "local-lab", "signal": "USR1"}))
+    assert slurm_plan.node_env(usr1, 1, None, node=0, slurm_job_id="1")[channel.ENV_STOP_SIGNALS] == "SIGUSR2,SIGUSR1"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_dry_run_golden_for_every_profile(profile):
+    plan = plan_of(slurm_config({"profile": profile}, nproc="auto" if profile != "local-lab" else 2))
+    text = describe_plan(plan)
+    path = GOLDEN / f"{profile}.dryrun.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"dry-run output changed; UPDATE_GOLDEN=1 pytest {__file__} if intended"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_preview_is_exactly_what_submitit_writes(profile, tmp_path):
+    from orchestrator.backends.slurm import _executor_class
+
+    plan = plan_of(slurm_config({"profile": profile}, nproc="auto" if profile != "local-lab" else 2), home=tmp_path)
+    ex = _executor_class()(slurm_plan.submitit_folder(plan, 1), python=shlex.quote(slurm_plan.job_python(plan)))
+    ex.update_parameters(**slurm_plan.executor_parameters(plan, 1))
+    assert ex._make_submission_file_text(ex._submitit_command_str, "uid") == slurm_plan.sbatch_script(plan, 1)
+
+
+def test_hostile_paths_are_quoted_in_the_sbatch_script(tmp_path):
+    plan = plan_of(slurm_config({"profile": "local-lab", "setup": ["module load x"]}), home=Path(HOSTILE),
+                   python=HOSTILE + "/py")
+    script = slurm_plan.sbatch_script(plan, 1)
+    (tmp_path / "s.sh").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "s.sh")]).returncode == 0
+    folder = f"{HOSTILE}/runs/{JOB}/attempts/1/slurm"
+    opts = dict(shlex.split(ln[len("#SBATCH "):])[0].split("=", 1) for ln in script.splitlines()
+                if ln.startswith("#SBATCH --") and "=" in ln)
+    assert opts["--output"] == f"{folder}/%j_0_log.out" and opts["--error"] == f"{folder}/%j_0_log.err"
+    srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+    assert shlex.split(srun)[-5:] == [HOSTILE + "/py", "-u", "-m", "submitit.core._submit", folder]
+    assert not Path("pwned").exists()
+
+
+def test_a_newline_in_a_path_is_refused():
+    with pytest.raises(ConfigError) as e:
+        plan_of(slurm_config({"profile": "local-lab"}), home=Path("/tmp/a\nb"))
+    assert "contains a newline" in e.value.problems[0]
+
+
+# ---- the backend against a fake SLURM -----------------------------------------------------------
+
+class FakeSlurm:
+    """Answers squeue/sacct/scancel from a dict of job states; records every command."""
+
+    def __init__(self, states: dict[str, str], sacct_only: tuple[str, ...] = ()):
+        self.states, self.sacct_only, self.calls = dict(states), sacct_only, []
+        self.on_scancel: dict[str, str] = {}
+
+    def __call__(self, argv, input=None, timeout=60.0):
+        self.calls.append(argv)
+        if getattr(self, "down", False):
+            return 1, "", "squeue: error: Unable to contact slurm controller (connect failure)"
+        ids = argv[-1].split("=", 1)[1].split(",") if argv[-1].startswith("--jobs=") else [argv[-1]]
+        if argv[0] == "squeue":
+            return 0, BANNER + "".join(f"{i}|{self.states[i]}|None|n1\n" for i in ids
+                                       if i in self.states and i not in self.sacct_only), ""
+        if argv[0] == "sacct":
+            return 0, BANNER + "".join(f"{i}|{self.states[i]}|0:0|None|n1\n" for i in ids if i in self.states), ""
+        if argv[0] == "scancel":
+            if len(argv) == 2 and argv[1] in self.on_scancel:
+                self.states[argv[1]] = self.on_scancel[argv[1]]
+            return 0, "", ""
+        return 0, "", ""
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+
+
+def test_queue_batches_and_backs_off():
+    fake, clock = FakeSlurm({"1": "RUNNING", "2": "PENDING", "3": "COMPLETED"}, sacct_only=("3",)), Clock()
+    q = SlurmQueue(fake, clock, min_s=1.0, max_s=5.0)
+    for j in ("1", "2", "3"):
+        q.watch(j)
+    assert q.info("1").state == "RUNNING" and q.info("3").state == "COMPLETED"
+    assert [c[0] for c in fake.calls] == ["squeue", "sacct"]          # one batched call each
+    assert fake.calls[0][-1] == "--jobs=1,2,3" and fake.calls[1][-1] == "--jobs=3"
+    intervals = []
+    for _ in range(5):
+        clock.t += 10
+        q.info("1")
+        intervals.append(q.interval)
+    assert intervals == [1.5, 2.25, 3.375, 5.0, 5.0]                  # nothing changes: back off
+    fake.states["1"] = "COMPLETING"
+    clock.t += 10
+    q.info("1")
+    assert q.interval == 1.0                                          # a change: look again soon
+    assert "3" not in q._watched                                     # ended jobs are not asked about again
+
+
+def _attempt_dir(tmp_path, nodes: dict[int, dict]) -> Path:
+    adir = tmp_path / "attempts" / "1"
+    for node, files in nodes.items():
+        for name, data in files.items():
+            channel.write_json_atomic(adir / "nodes" / str(node) / name, data)
+    channel.write_json_atomic(adir / "slurm.json", {"job_id": "42", "nnodes": len(nodes)})
+    return adir
+
+
+def test_poll_merges_node_records_when_the_job_ended(tmp_path):
+    adir = _attempt_dir(tmp_path, {
+        0: {"agent.json": {"exit_code": 0, "failures": {}}, "node.json": {"ended": 1}},
+        1: {"agent.json": {"exit_code": 0, "failures": {}}, "node.json": {"ended": 1},
+            "status.json": {"state": "completed"}, "error-rank3.json": {"rank": 3, "type": "X"}}})
+    fake = FakeSlurm({"42": "RUNNING"})
+    backend = SlurmBackend(runner=fake, clock=Clock())
+    handle = AttemptHandle("job", 1, 0, str(adir))          # as rebuilt by a new supervisor: no external id
+    assert backend.poll(handle) is None and not backend.queued(handle)
+    fake.states["42"] = "COMPLETED"
+    backend.queue._last = float("-inf")
+    assert backend.poll(handle) == 0
+    agent = channel.read_json(adir / "agent.json")
+    assert agent["slurm"]["state"] == "COMPLETED" and agent["scheduler_failure"] is None
+    assert channel.read_json(adir / "status.json") == {"state": "completed"}
+    assert (adir / "error-rank3.json").is_file()
+    assert channel.read_json(adir / "slurm.json")["state"] == "COMPLETED"
+    assert backend.kill(handle) == [] and not any(c[0] == "scancel" for c in fake.calls)  # already gone
+
+
+def test_cancel_from_outside_is_the_users_cancel(tmp_path):
+    adir = _attempt_dir(tmp_path, {0: {"agent.json": {"exit_code": 75, "failures": {}}, "node.json": {"ended": 1},
+                                       "status.json": {"state": "stopped"}}})
+    rc = publish(adir, 1, parse_sacct("42|CANCELLED by 0|0:0|None|n1\n")["42"])
+    outcome = Outcome(returncode=rc, agent=channel.read_json(adir / "agent.json"), worker_state="stopped")
+    assert rc == 75 and classify(outcome) is Failure.CANCELLED
+
+
+def test_kill_is_scancel_and_waits_until_the_job_left_the_queue(tmp_path):
+    fake, clock = FakeSlurm({"42": "RUNNING"}), Clock()
+    fake.on_scancel["42"] = "COMPLETING"
+    backend = SlurmBackend(runner=fake, clock=clock, sleep=lambda s: (clock.sleep(s), fake.states.update(
+        {"42": "CANCELLED"}) if clock.t > 3 else None))
+    handle = AttemptHandle("job", 1, 0, str(tmp_path), external_id="42")
+    assert backend.kill(handle, grace_s=1) == []
+    assert ["scancel", "42"] in fake.calls and fake.states["42"] == "CANCELLED"
+    backend.signal(handle, "SIGUSR2")
+    assert fake.calls[-1] == ["scancel", "--signal=USR2", "42"]
+
+
+def test_a_job_that_never_leaves_the_queue_is_reported(tmp_path):
+    fake, clock = FakeSlurm({"42": "PENDING"}), Clock()
+    backend = SlurmBackend(runner=fake, clock=clock, sleep=clock.sleep)
+    assert backend.queued(AttemptHandle("job", 1, 0, str(tmp_path), external_id="42"))
+    assert backend.kill(AttemptHandle("job", 1, 0, str(tmp_path), external_id="42"), grace_s=1) == [42]
+    assert ["scancel", "--signal=KILL", "--full", "42"] in fake.calls
+
+
+@pytest.mark.parametrize("message, want", [
+    ("sbatch: error: invalid partition specified: nosuch", Failure.USER_ERROR),
+    ("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation", Failure.WORKER_LOST)])
+def test_a_refused_submission_ends_the_attempt_with_a_clear_record(tmp_path, message, want):
+    def refuse(plan, attempt, resume_from):
+        raise RuntimeError(message)
+
+    plan = plan_of(slurm_config({"profile": "local-lab"}), home=tmp_path)
+    backend = SlurmBackend(runner=FakeSlurm({}), submit_fn=refuse)
+    handle = backend.start(plan, 1, None)
+    assert handle.external_id is None and backend.poll(handle) == 2
+    adir = Path(handle.attempt_dir)
+    outcome = Outcome(returncode=2, agent=channel.read_json(adir / "agent.json"),
+                      error=channel.read_json(adir / "error-rank0.json"))
+    assert classify(outcome) is want and outcome.error["message"] == message
+
+
+def test_submit_through_submitit_reads_the_id_past_a_banner(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "sbatch"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {shlex.quote(str(tmp_path / 'argv'))}\n"
+                    "echo 'Welcome! Maintenance on Friday (job 99 of the docs).'\necho '4242;lab'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    plan = plan_of(slurm_config({"profile": "local-lab"}), home=tmp_path / "home")
+    plan.paths.attempt_dir(1).mkdir(parents=True)
+    assert submit(plan, 1, None) == "4242"
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[0] == "--parsable" and argv[1].endswith(".sh")
+    assert (slurm_plan.submitit_folder(plan, 1) / "4242_submission.sh").read_text() == slurm_plan.sbatch_script(plan, 1)
+    assert (slurm_plan.submitit_folder(plan, 1) / "4242_submitted.pkl").is_file()
+
+
+def test_preflight_names_the_setting_slurm_refuses(monkeypatch):
+    def runner(argv, input=None, timeout=60.0):
+        assert argv == ["sbatch", "--test-only"] and "#SBATCH --partition=nosuch" in input
+        return 1, "", ("sbatch: error: invalid partition specified: nosuch\n"
+                       "allocation failure: Invalid partition name specified\n")
+
+    monkeypatch.setattr("orchestrator.backends.slurm.shutil.which", lambda name: f"/usr/bin/{name}")
+    plan = plan_of(slurm_config({"profile": "local-lab", "partition": "nosuch"}))
+    assert preflight(plan, runner) == [
+        "launch.slurm.partition: SLURM refuses the job: sbatch: error: invalid partition specified: nosuch",
+        "launch.slurm.partition: SLURM refuses the job: allocation failure: Invalid partition name specified"]
+
+
+def test_exit_status_of_an_attempt():
+    assert exit_status([0, 0], 0, None) == 0
+    assert exit_status([75, 75], 0, None) == 75
+    assert exit_status([143, 1], 0, None) == 1          # node 0 was stopped because node 1 failed
+    assert exit_status([0], 1, None) == 1               # a node left no record
+    assert exit_status([], 2, parse_sacct("7|FAILED|2:0|None|n1\n")["7"]) == 2
+    assert get_backend("slurm").name == "slurm"
+
+
+# ---- inside the job: the first node's address, signals passed on to the ranks ----------------------
+
+def test_first_node_address_falls_back_to_slurms_node_addr():
+    assert first_node_address(["localhost", "n2"]) == "localhost"
+
+    def scontrol(argv, **kw):
+        assert argv == ["scontrol", "--oneliner", "show", "node", "no-such-node.invalid"]
+        return subprocess.CompletedProcess(argv, 0, "NodeName=n1 Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=x\n", "")
+
+    assert first_node_address(["no-such-node.invalid"], run=scontrol) == "10.1.2.3"
+
+
+FAKE_AGENT = """\
+import subprocess, sys
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+sys.exit(rank.wait())
+"""
+FAKE_RANK = """\
+import pathlib, signal, sys, time
+got = []
+signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))
+out = pathlib.Path(sys.argv[1])
+(out.parent / "ready").write_text("1")
+end = time.time() + 30
+while not got and time.time() < end:
+    time.sleep(0.02)
+out.write_text("USR2" if got else "none")
+sys.exit(75 if got else 1)
+"""
+
+
+def test_the_launcher_survives_usr2_and_passes_it_to_the_ranks(tmp_path):
+    """SLURM signals the agent too: it must ignore USR2 (default: die), and the ranks must get it."""
+    import psutil
+
+    out = tmp_path / "rank-got"
+    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+
+    def preempt():
+        end = time.time() + 30
+        while not (tmp_path / "ready").exists() and time.time() < end:
+            time.sleep(0.02)
+        agent = next(p for p in psutil.Process().children() if "rank = subprocess.Popen" in " ".join(p.cmdline()))
+        agent.send_signal(signal.SIGUSR2)          # like SLURM: every process of the step ...
+        os.kill(os.getpid(), signal.SIGUSR2)        # ... including this launcher, which passes it on
+
+    t = threading.Thread(target=preempt)
+    t.start()
+    try:
+        rc, received = run_agent([sys.executable, "-c", FAKE_AGENT, FAKE_RANK, str(out)], dict(os.environ),
+                                 str(tmp_path), tmp_path / "torchrun.log", adopt_orphans=False)
+    finally:
+        t.join()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    assert rc == 75 and out.read_text() == "USR2"          # the agent lived on and passed the rank's code on
+    assert [r["signal"] for r in received] == ["SIGUSR2"]
+
+
+def test_a_job_that_failed_before_any_node_started_is_a_user_error(tmp_path):
+    adir = tmp_path / "attempts" / "1"
+    (adir / "slurm").mkdir(parents=True)
+    (adir / "slurm" / "42_0_log.err").write_text("/var/spool/slurm/job42/slurm_script: line 9: module: command "
+                                                 "not found\n")
+    rc = publish(adir, 2, parse_sacct("42|FAILED|127:0|NonZeroExitCode|n[1-2]\n")["42"])
+    error = channel.read_json(adir / "error-rank0.json")
+    outcome = Outcome(returncode=rc, agent=channel.read_json(adir / "agent.json"), error=error)
+    assert rc == 127 and classify(outcome) is Failure.USER_ERROR
+    assert "failed before any node started training" in error["message"] and "module: command not found" in \
+        error["message"]
+
+
+def test_a_silent_controller_is_waited_for_but_a_vanished_job_is_lost(tmp_path):
+    fake, clock = FakeSlurm({}), Clock()
+    fake.down = True
+    backend = SlurmBackend(runner=fake, clock=clock)
+    adir = _attempt_dir(tmp_path, {0: {"node.json": {"started": 1}}})
+    handle = AttemptHandle("job", 1, 0, str(adir), external_id="42")
+    for _ in range(3):
+        assert backend.poll(handle) is None
+        clock.t += 100                                   # far beyond LOST_AFTER_S: still no guess
+    fake.down = False                                    # it answers: nobody knows job 42 any more
+    assert backend.poll(handle) == 1
+    agent = channel.read_json(adir / "agent.json")
+    assert agent["nodes_without_record"] == 1 and classify(Outcome(returncode=1, agent=agent)) is Failure.WORKER_LOST
+
+
+ORPHANING = """\
+import json, subprocess, sys
+from orchestrator.backends.slurm_node import become_subreaper, end_orphans
+assert become_subreaper()
+# an "agent" that starts a "rank" in a session of its own and dies at once, like a killed torchrun
+agent = subprocess.Popen([sys.executable, "-c",
+    "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+    "start_new_session=True); sys.exit(0)"])
+agent.wait()
+print(json.dumps(end_orphans(grace_s=5)))
+"""
+
+
+def test_ranks_orphaned_by_a_dead_agent_are_adopted_and_ended():
+    import json
+
+    import psutil
+
+    r = subprocess.run([sys.executable, "-c", ORPHANING], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    orphans = json.loads(r.stdout)
+    assert len(orphans) == 1 and not psutil.pid_exists(orphans[0])
