@@ -16,7 +16,9 @@ from typing import Any
 
 # The worker's own script arguments (train_worker.ScriptArguments) and TrlParser's `env`.
 # `dtype` is the dtype the weights are loaded in (the seed passed torch_dtype to from_pretrained).
-SCRIPT_KEYS: dict[str, Any] = {"model_id": str, "dataset_path": str, "dtype": str | None}
+# `attn_implementation` is passed to from_pretrained (issue 6: the plan sets orchestrate_varlen for packed rows).
+SCRIPT_KEYS: dict[str, Any] = {"model_id": str, "dataset_path": str, "dtype": str | None,
+                               "attn_implementation": str | None}
 PARSER_KEYS: dict[str, Any] = {"env": dict[str, Any]}
 
 
