@@ -190,6 +190,20 @@ class Ledger:
             by_job.setdefault(a["job_id"], []).append(a)
         return [_job(r, by_job.get(r["id"], [])) for r in rows]
 
+    def jobs_updated_since(self, since: float) -> list[Job]:
+        """Jobs whose row changed at or after ``since`` (its ``updated`` time), with their attempts.
+
+        Read-only; lets a live view re-read only what changed between two frames.
+        """
+        with self._conn() as c:
+            rows = c.execute("SELECT * FROM jobs WHERE updated >= ? ORDER BY created DESC", (since,)).fetchall()
+            attempts = c.execute("SELECT * FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE updated >= ?) "
+                                 "ORDER BY job_id, n", (since,)).fetchall()
+        by_job: dict[str, list] = {}
+        for a in attempts:
+            by_job.setdefault(a["job_id"], []).append(a)
+        return [_job(r, by_job.get(r["id"], [])) for r in rows]
+
     def jobs_using_output_dir(self, output_dir: str) -> list[Job]:
         with self._conn() as c:
             rows = c.execute("SELECT * FROM jobs WHERE output_dir = ?", (output_dir,)).fetchall()
