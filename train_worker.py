@@ -59,6 +59,11 @@ class ScriptArguments:
     dtype: str | None = field(
         default=None, metadata={"help": "dtype to load the weights in (auto, float32, bfloat16, ...); the seed's "
                                         "torch_dtype. model_init_kwargs.dtype wins if both are given."})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention implementation for from_pretrained (sdpa, flash_attention_2, ...). "
+                                        "'orchestrate_varlen' (the plan's default for packed rows) is registered "
+                                        "here: per-document attention, see orchestrator/varlen_attn.py. "
+                                        "model_init_kwargs.attn_implementation wins if both are given."})
 
 
 def _now() -> float:
@@ -100,6 +105,13 @@ def distributed_info(trainer) -> dict:
             break
     return {"distributed_type": dtype, "fsdp_version": version, "fsdp_wrapped": version is not None,
             "world_size": acc.num_processes}
+
+
+def _gpu_memory() -> dict:
+    """issue 6: rank 0's peak GPU memory so far (for bench/throughput.py and OOM diagnosis); {} on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    return {}
 
 
 class OrchestrateCallback(TrainerCallback):
@@ -152,7 +164,7 @@ class OrchestrateCallback(TrainerCallback):
         self._record("log", state, max_steps=state.max_steps, loss=float(logs["loss"]),
                      learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"), tokens=tokens,
                      tokens_per_s=round((tokens - self.tokens_begin) / elapsed, 2), epoch=logs.get("epoch"),
-                     wall=round(time.time() - _T0, 3))
+                     wall=round(time.time() - _T0, 3), **_gpu_memory())
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -224,12 +236,18 @@ def load_chat_dataset(path: Path):
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def load_model(model_id: str, training_args, dtype: str | None = None):
+def load_model(model_id: str, training_args, dtype: str | None = None, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(training_args.model_init_kwargs or {})
     if dtype:
         kwargs.setdefault("dtype", _DTYPE_ALIASES.get(dtype, dtype))
+    if attn_implementation:
+        kwargs.setdefault("attn_implementation", attn_implementation)
+    if str(kwargs.get("attn_implementation", "")).startswith("orchestrate_"):  # issue 6: our varlen kernel
+        from orchestrator.varlen_attn import register
+
+        register()
     if "torch_dtype" in kwargs:  # renamed in transformers 5
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
     if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
@@ -330,7 +348,7 @@ def run(argv: list[str], att: Attempt) -> int:
     eval_ds = None
     if training_args.eval_strategy != "no" and (data / "test_dataset.json").is_file():
         eval_ds = load_chat_dataset(data / "test_dataset.json")
-    model = load_model(script_args.model_id, training_args, script_args.dtype)
+    model = load_model(script_args.model_id, training_args, script_args.dtype, script_args.attn_implementation)
 
     tokens_base = tokens_at_checkpoint(resume)
     att.callback = cb = OrchestrateCallback(wenv, resume, tokens_base, fault)

@@ -26,6 +26,8 @@ ENV_JOB_ID = "ORCHESTRATE_JOB_ID"
 # Set by the supervisor: the verified checkpoint to resume from, or "none" (start fresh).
 ENV_RESUME_FROM = "ORCHESTRATE_RESUME_FROM"
 AGENT_RECORD_FILE = "agent.json"
+# Signals (besides SIGTERM) on which the worker stops gracefully: launch.stop_signal.
+ENV_STOP_SIGNALS = "ORCHESTRATE_STOP_SIGNALS"
 
 PROGRESS_FILE = "progress.jsonl"
 STATUS_FILE = "status.json"

@@ -15,9 +15,24 @@ SUBMIT_HELP = """\
 Validate CONFIG, plan the launch and run it under a supervisor.
 
 In the foreground the live status of the job is shown until it ends; Ctrl-C
-CANCELS the job (every process of it is ended). Use --detach to hand the job to
-a background supervisor that survives the terminal: it prints only the job id.
+CANCELS the job (every process of it is ended), as the top line of the view says.
+Use --detach to hand the job to a background supervisor that survives the
+terminal: it prints only the job id; watch it with `orchestrate status JOB` or
+`orchestrate logs JOB -f` (Ctrl-C there only leaves the view).
 Exit status: 0 completed, 1 failed, 2 bad config or usage, 130 cancelled."""
+
+STATUS_HELP = """\
+Without JOB: every job in the ledger (state, attempt n/budget, progress, loss and
+its trend, tokens/s, ETA, last verified checkpoint, elapsed time). With JOB: that
+job in detail (loss curve, attempts and why each ended, first error, where the logs
+are). On a terminal the view refreshes until Ctrl-C, which only leaves the view:
+the jobs keep running. Without a terminal, or with --once, one frame is printed
+as plain text."""
+
+LOGS_HELP = """\
+Every rank's stdout and stderr with a [rank R] prefix (like tail; -f follows).
+A failed attempt ends with its first error (the rank it came from) and where its
+traceback is; --errors prints just that."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,17 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--dry-run", action="store_true", help="print the plan (command, env, paths) and start nothing")
     s.add_argument("--detach", action="store_true", help="supervise in the background; print only the job id")
+    s.add_argument("--backend", choices=["local", "slurm"], help="override launch.backend of the config")
 
     v = sub.add_parser("validate", help="check a config and report every problem; start nothing")
     v.add_argument("config")
 
     ls = sub.add_parser("list", help="jobs in the ledger, newest first")
-    ls.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
+    ls.add_argument("--state", action="append", help="only jobs in this state (repeatable; RUNNING, FAILED, ...)")
     ls.add_argument("--json", action="store_true")
 
-    st = sub.add_parser("status", help="status of all jobs, or one job in detail")
+    st = sub.add_parser("status", help="live view of all jobs, or of one job in detail",
+                        description=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("job", nargs="?")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--once", action="store_true", help="print one frame and exit (the default without a terminal)")
+    st.add_argument("--json", action="store_true", help="machine-readable output (one frame)")
+    st.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between frames (default 1)")
 
     c = sub.add_parser("cancel", help="end a job and every process of it")
     c.add_argument("job")
@@ -48,10 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job")
     r.add_argument("--detach", action="store_true")
 
-    lg = sub.add_parser("logs", help="print a job's rank logs")
+    lg = sub.add_parser("logs", help="print or follow a job's rank logs; find the first error",
+                        description=LOGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     lg.add_argument("job")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the attempt "
+                    "(--attempt) or the job ends")
     lg.add_argument("--attempt", type=int, help="attempt number (default: the last)")
     lg.add_argument("--rank", type=int, help="only this rank")
+    lg.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines of each file "
+                    "(default: all; 10 with -f)")
+    lg.add_argument("--errors", action="store_true", help="only the first error of the (last failed) attempt "
+                    "and its traceback")
+
+    rp = sub.add_parser("report", help="write a PNG of loss and tokens/s over steps (needs matplotlib)")
+    rp.add_argument("job")
+    rp.add_argument("--out", help="PNG file to write (default: ./<job id>.png)")
 
     d = sub.add_parser("demo", help="build the tiny local demo model and data set")
     d.add_argument("action", choices=["prepare"])
@@ -62,11 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .jobs import JobError
+    from .errors import ConfigError, JobError
 
     handler = {"submit": _submit, "validate": _validate, "list": _list, "status": _status, "cancel": _cancel,
-               "resume": _resume, "logs": _logs, "demo": _demo}[args.verb]
+               "resume": _resume, "logs": _logs, "report": _report, "demo": _demo}[args.verb]
     try:
         return handler(args)
     except ConfigError as exc:
@@ -79,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_CANCELLED
+    except BrokenPipeError:  # `orchestrate list | head`
+        sys.stderr.close()
+        return EXIT_OK
 
 
 def _notices(notices) -> None:
@@ -100,11 +132,18 @@ def _submit(args) -> int:
     from .paths import orchestrate_home
     from .plan import describe_plan
 
-    cfg, plan = prepare(args.config)
+    cfg, plan = prepare(args.config) if not args.backend else _prepare_with_backend(args.config, args.backend)
     if args.dry_run:
         print(describe_plan(plan), end="")
         return EXIT_OK
     _notices(plan.notices)
+    if plan.backend == "slurm":  # issue 4: sbatch --test-only, before anything is written or queued
+        from .backends.slurm import preflight
+        from .config import ConfigError
+
+        problems = preflight(plan)
+        if problems:
+            raise ConfigError(str(cfg.source), problems)
     ledger = open_ledger()
     job = create_job(cfg, plan, ledger)
     if args.detach:
@@ -113,6 +152,25 @@ def _submit(args) -> int:
         return EXIT_OK
     print(f"job {job.id}: run dir {job.run_dir}  (Ctrl-C cancels the job)", file=sys.stderr)
     return _run_foreground(ledger, job, resume=False)
+
+
+def _prepare_with_backend(config: str, backend: str):
+    """``jobs.prepare`` with ``launch.backend`` replaced by ``submit --backend`` (issue 4)."""
+    import dataclasses
+    import os
+
+    from .config import load_config
+    from .jobs import new_job_id
+    from .paths import orchestrate_home
+    from .plan import default_worker_script, make_plan
+    from .topology import detect_topology
+
+    cwd = os.getcwd()
+    cfg = load_config(config, cwd=cwd)
+    cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, backend=backend))
+    plan = make_plan(cfg, detect_topology(), job_id=new_job_id(cfg.name), home=orchestrate_home(),
+                     python=sys.executable, worker_script=default_worker_script(), workdir=cwd)
+    return cfg, plan
 
 
 def _run_foreground(ledger, job, resume: bool) -> int:
@@ -167,57 +225,56 @@ def _list(args) -> int:
     if args.json:
         print(json.dumps([j.to_json() for j in jobs], indent=1, sort_keys=True))
         return EXIT_OK
-    from .live import print_table
+    from .live import print_list
 
-    print_table(jobs)
+    print_list(jobs)
     return EXIT_OK
 
 
 def _status(args) -> int:
     from .jobs import open_ledger, resolve_job
-    from .live import print_detail, print_table, snapshot
+    from .live import SnapshotSource, make_console, watch
+    from .render import detail_frame, snapshot_json, status_frame
 
     ledger = open_ledger()
-    if args.job:
-        job = resolve_job(ledger, args.job)
-        if args.json:
-            snap = snapshot(job)
-            data = job.to_json()
-            data.update(step=snap.progress.step or job.step, max_steps=snap.progress.max_steps or job.max_steps,
-                        loss=snap.progress.loss, tokens_per_s=snap.progress.tokens_per_s,
-                        last_checkpoint=snap.progress.last_checkpoint,
-                        distributed_type=snap.progress.distributed_type or job.distributed_type,
-                        fsdp_version=snap.progress.fsdp_version, world_size=snap.progress.world_size)
-            print(json.dumps(data, indent=1, sort_keys=True))
-        else:
-            print_detail(job)
-        return EXIT_OK
-    jobs = ledger.jobs()
+    job = resolve_job(ledger, args.job) if args.job else None
+    if not args.once and not args.json and sys.stdout.isatty():
+        return watch(ledger, job.id if job else None, interval=max(0.2, args.interval))
+    source = SnapshotSource.for_ledger(ledger)
     if args.json:
-        print(json.dumps([j.to_json() for j in jobs], indent=1, sort_keys=True))
+        data = snapshot_json(source.snapshot(job, detail=True), detail=True) if job else \
+            [snapshot_json(s) for s in source.all()]
+        print(json.dumps(data, indent=1, sort_keys=True))
+    elif job:
+        make_console().print(detail_frame(source.snapshot(job, detail=True)))
     else:
-        print_table(jobs)
+        import time
+
+        make_console().print(status_frame(source.all(), time.time()))
     return EXIT_OK
 
 
 def _logs(args) -> int:
-    from pathlib import Path
-
     from .jobs import open_ledger, resolve_job
-    from .paths import RunPaths
+    from .logview import show_logs
+
+    ledger = open_ledger()
+    job = resolve_job(ledger, args.job)
+    return show_logs(ledger, job, attempt=args.attempt, rank=args.rank, follow=args.follow, errors=args.errors,
+                     lines=args.lines)
+
+
+def _report(args) -> int:
+    from .jobs import open_ledger, resolve_job
+    from .report import ReportUnavailable, write_report
 
     job = resolve_job(open_ledger(), args.job)
-    if not job.attempts:
-        print(f"{job.id}: no attempt has started yet", file=sys.stderr)
-        return EXIT_OK
-    n = args.attempt or job.attempts[-1].n
-    files = sorted(RunPaths(Path(job.run_dir)).rank_log_dir(n).glob("**/std*.log"))
-    for f in files:
-        rank = f.parent.name
-        if args.rank is not None and rank != str(args.rank):
-            continue
-        for line in f.read_text(errors="replace").splitlines():
-            print(f"[attempt {n} rank {rank} {f.stem}] {line}")
+    try:
+        out = write_report(job, args.out or f"{job.id}.png")
+    except ReportUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(out)
     return EXIT_OK
 
 

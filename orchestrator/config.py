@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 from .launch_config import LaunchSettings, parse_launch
 from .renames import FSDP1_ONLY_KEYS, translate
 
@@ -37,21 +38,6 @@ _RANGES = {
     "save_total_limit": (lambda v: v is None or v >= 1, ">= 1"),
     "dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
 }
-
-
-class ConfigError(Exception):
-    """The config has problems; ``problems`` lists each one with its key path."""
-
-    def __init__(self, source: str, problems: list[str], notices: list[str] | None = None):
-        self.source = source
-        self.problems = problems
-        self.notices = notices or []
-        super().__init__(f"{source}: {len(problems)} problem(s)")
-
-    def render(self) -> str:
-        lines = [f"error: {self.source} has {len(self.problems)} problem(s):"]
-        lines += [f"  - {p}" for p in self.problems]
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True)

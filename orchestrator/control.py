@@ -63,7 +63,16 @@ def cancel(ledger: Ledger, job: Job, timeout_s: float = 60.0) -> list[int]:
                 break
             time.sleep(0.2)
     last = job.attempts[-1] if job.attempts else None
-    left = kill_job_processes(job.id, last.pid if last and last.ended is None else None, grace_s=10.0)
+    if last is not None and last.ended is None and job.backend != "local":
+        # No supervisor did it: end the scheduler's job too (scancel, and wait until it left the queue).
+        plan = load_plan(job)
+        handle = AttemptHandle(job_id=job.id, attempt=last.n, pid=last.pid or 0,
+                               attempt_dir=str(plan.paths.attempt_dir(last.n)))
+        left_remote = get_backend(job.backend).kill(handle, grace_s=10.0)
+        if left_remote:
+            return left_remote
+    left = kill_job_processes(job.id, last.pid if last and last.ended is None and job.backend == "local"
+                              else None, grace_s=10.0)
     job = ledger.get(job.id)
     if last is not None and last.ended is None:
         ledger.update_attempt(job.id, last.n, ended=time.time(), failure=Failure.CANCELLED.value,

@@ -17,6 +17,7 @@ import yaml
 
 from . import channel
 from .config import ConfigError, JobConfig, load_config
+from .errors import JobError  # noqa: F401  (re-exported)
 from .checkpoints import list_checkpoints
 from .ledger import Job, Ledger
 from .paths import RunPaths, ledger_path, orchestrate_home
@@ -25,10 +26,6 @@ from .states import JobState
 from .topology import Topology, detect_topology
 
 HEARTBEAT_STALE_S = 30.0
-
-
-class JobError(Exception):
-    """A request about a job that cannot be honoured (exit code 2 at the CLI)."""
 
 
 def open_ledger(home: Path | None = None) -> Ledger:

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .perf import PerformanceSettings, parse_performance
 from .schema import closest
 
 BACKENDS = ("local", "slurm")
@@ -46,6 +47,7 @@ class LaunchSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     watchdog: WatchdogPolicy = field(default_factory=WatchdogPolicy)
     slurm: Mapping[str, Any] = field(default_factory=dict)
+    performance: PerformanceSettings = field(default_factory=PerformanceSettings)  # issue 6 (perf.py)
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
@@ -87,11 +89,14 @@ def parse_launch(raw: Any) -> tuple[LaunchSettings, list[str]]:
         values["stop_signal"] = sig
     values["retry"] = _parse_section("launch.retry", raw.get("retry"), RetryPolicy, problems)
     values["watchdog"] = _parse_section("launch.watchdog", raw.get("watchdog"), WatchdogPolicy, problems)
-    slurm = raw.get("slurm") or {}
-    if not isinstance(slurm, dict):
-        problems.append(f"launch.slurm: expected a mapping, got {type(slurm).__name__}")
-        slurm = {}
-    values["slurm"] = slurm
+    # issue 4: launch.slurm and its profile from slurm_templates/ (orchestrator/slurm_config.py)
+    from .slurm_config import parse_slurm
+
+    values["slurm"], slurm_problems = parse_slurm(raw.get("slurm"), required=backend == "slurm")
+    problems += slurm_problems
+    # issue 6: fast defaults and their switches (orchestrator/perf.py)
+    values["performance"], perf_problems = parse_performance(raw.get("performance"))
+    problems += perf_problems
     return LaunchSettings(**values), problems
 
 

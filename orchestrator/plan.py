@@ -42,6 +42,9 @@ class LaunchPlan:
     retry: RetryPolicy
     watchdog: WatchdogPolicy
     notices: tuple[str, ...] = field(default=())
+    slurm: Mapping[str, Any] = field(default_factory=dict)  # validated launch.slurm (backend slurm only)
+    # issue 6: the fast defaults chosen (perf.py) and the per-GPU memory estimate (memory.py)
+    performance: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def paths(self) -> RunPaths:
@@ -132,7 +135,16 @@ def make_plan(cfg: JobConfig, topo: Topology, *, job_id: str, home: Path, python
     """Turn a validated config and the topology into a plan; raise ConfigError if they clash."""
     training = dict(cfg.training)
     use_cpu = bool(training.get("use_cpu"))
-    nproc, device, notices, problems = choose_nproc(cfg.launch.nproc_per_node, topo, use_cpu)
+    nnodes, omp_threads, slurm = 1, None, {}
+    if cfg.launch.backend == "slurm":  # issue 4: the allocation decides, not this host (slurm_plan.py)
+        from .slurm_plan import path_problems, slurm_layout
+
+        layout = slurm_layout(cfg.launch.slurm, cfg.launch.nproc_per_node)
+        nnodes, nproc, device, omp_threads = layout.nnodes, layout.nproc_per_node, layout.device, layout.omp_threads
+        notices, problems, slurm = list(layout.notices), list(layout.problems), layout.settings
+        problems += path_problems({"ORCHESTRATE_HOME": str(home), "workdir": workdir, "python": python})
+    else:
+        nproc, device, notices, problems = choose_nproc(cfg.launch.nproc_per_node, topo, use_cpu)
     fc = training.get("fsdp_config") if isinstance(training.get("fsdp_config"), dict) else {}
     if device == "cpu":
         training["use_cpu"] = True  # gloo; without it FSDP ranks fail on a GPU-less machine
@@ -140,29 +152,55 @@ def make_plan(cfg: JobConfig, topo: Topology, *, job_id: str, home: Path, python
             problems.append("fsdp_config.version: FSDP1 does not run on CPU; use version 2 (the default)")
         if training.get("bf16") or training.get("tf32"):
             notices.append("bf16/tf32 requested on a CPU plan; transformers may refuse them without a GPU")
-    if cfg.launch.backend != "local":
-        problems.append(f"launch.backend: '{cfg.launch.backend}' is not available in this version (use 'local')")
+    performance, perf_notices, perf_problems = _performance(cfg, training, topo, device, nnodes * nproc)
+    notices += perf_notices
+    problems += perf_problems
     if problems:
         raise ConfigError(str(cfg.source), problems, list(cfg.notices))
     paths = RunPaths.for_job(home, job_id)
     training.setdefault("output_dir", str(paths.default_output_dir))
+    if cfg.fsdp_enabled and isinstance(training.get("fsdp_config"), dict):
+        # transformers sets FSDP_CPU_RAM_EFFICIENT_LOADING from this key (default false),
+        # overriding the environment the seed exported: make the two agree.
+        fc = dict(training["fsdp_config"])
+        fc.setdefault("cpu_ram_efficient_loading", True)
+        training["fsdp_config"] = fc
     env = {**(user_env or {}), **dict(cfg.launch.env), **fsdp_env(training)}
     if device == "cpu" and "OMP_NUM_THREADS" not in env:
         # torchrun would force 1 thread per rank; share the cores instead.
-        env["OMP_NUM_THREADS"] = str(max(1, topo.cpus // nproc))
+        env["OMP_NUM_THREADS"] = str(omp_threads or max(1, topo.cpus // nproc))
     env.update({
         "PYTHONUNBUFFERED": "1",
         channel.ENV_JOB_ID: job_id,
         channel.ENV_RUN_DIR: str(paths.run_dir),
+        channel.ENV_STOP_SIGNALS: cfg.launch.stop_signal,
     })
     distributed = "fsdp" if cfg.fsdp_enabled else ("ddp" if nproc > 1 else "single")
     return LaunchPlan(
-        job_id=job_id, name=cfg.name, backend=cfg.launch.backend, device=device, nnodes=1,
+        job_id=job_id, name=cfg.name, backend=cfg.launch.backend, device=device, nnodes=nnodes,
         nproc_per_node=nproc, distributed=distributed, python=python, worker_script=worker_script,
         run_dir=str(paths.run_dir), workdir=workdir, output_dir=training["output_dir"], worker_config=training,
         env=env, stop_signal=cfg.launch.stop_signal, retry=cfg.launch.retry,
         watchdog=cfg.launch.watchdog, notices=tuple(cfg.notices) + tuple(notices),
+        slurm=slurm, performance=performance,
     )
+
+
+def _performance(cfg: JobConfig, training: dict[str, Any], topo: Topology, device: str, world: int):
+    """issue 6: apply the fast defaults to ``training`` (in place); see perf.py and memory.py.
+
+    The only input read here is the model's ``config.json`` (validation already checked it exists).
+    """
+    from .memory import read_model_shape
+    from .perf import plan_performance
+
+    settings = cfg.launch.performance
+    shape, source = read_model_shape(training.get("model_id"))
+    gpu_memory = settings.gpu_memory_gib if settings.gpu_memory_gib != "auto" else (
+        topo.gpu_memory_gib if cfg.launch.backend == "local" else None)
+    return plan_performance(training, settings, device=device, world=world, fsdp=cfg.fsdp_enabled,
+                            gpu_memory_gib=gpu_memory, liger_installed=topo.liger_installed,
+                            model_shape=shape, model_source=source)
 
 
 def default_worker_script() -> str:
@@ -183,21 +221,25 @@ def describe_plan(plan: LaunchPlan, attempt: int = 1) -> str:
 
     paths = plan.paths
     env = plan.attempt_env(attempt, None)
+    command = ["command         (orchestrator.agent runs torchrun's own main and records how it ended)",
+               "  " + shlex.join(plan.argv(attempt)), "environment",
+               *[f"  {k}={shlex.quote(v)}" for k, v in sorted(env.items())]]
+    agent_log = paths.agent_log(attempt)
+    if plan.backend == "slurm":  # issue 4: one torchrun per node inside the job (slurm_plan.py)
+        command = ["command         one torchrun per node inside the SLURM job: see 'per-node command' below"]
+        agent_log = paths.attempt_dir(attempt) / "nodes" / "<node>" / agent_log.name
     lines = [
         f"job             {plan.job_id}  (name {plan.name}, backend {plan.backend})",
         f"device          {plan.device}; nnodes {plan.nnodes}, nproc_per_node {plan.nproc_per_node}, "
         f"world size {plan.world_size}, distributed {plan.distributed}",
         f"workdir         {plan.workdir}",
-        "command         (orchestrator.agent runs torchrun's own main and records how it ended)",
-        "  " + shlex.join(plan.argv(attempt)),
-        "environment",
-        *[f"  {k}={shlex.quote(v)}" for k, v in sorted(env.items())],
+        *command,
         "paths",
         f"  run dir         {paths.run_dir}",
         f"  output dir      {plan.output_dir}",
         f"  worker config   {paths.worker_config}",
         f"  progress        {paths.progress}",
-        f"  agent log       {paths.agent_log(attempt)}",
+        f"  agent log       {agent_log}",
         f"  rank logs       {paths.rank_log_dir(attempt)}",
         f"retry           {_fields(plan.retry)}",
         f"watchdog        {_fields(plan.watchdog)}",
@@ -205,6 +247,14 @@ def describe_plan(plan: LaunchPlan, attempt: int = 1) -> str:
         "worker config",
         *["  " + line for line in yaml.safe_dump(dict(plan.worker_config), sort_keys=True).splitlines()],
     ]
+    if plan.backend == "slurm":
+        from .slurm_plan import describe_lines
+
+        lines += describe_lines(plan, attempt)
+    if plan.performance:  # issue 6
+        from .perf import describe_lines as performance_lines
+
+        lines += performance_lines(plan.performance)
     if plan.notices:
         lines += ["notices", *[f"  {n}" for n in plan.notices]]
     return "\n".join(lines) + "\n"

@@ -146,16 +146,17 @@ class Supervisor:
         stall = StallClock(wd.stall_factor, wd.stall_floor_s, wd.startup_timeout_s, self.clock())
         stalled = cancelled = False
         last_step = None
+        queued = getattr(self.backend, "queued", None)  # SLURM: time in the queue is not start-up time
         while True:
             rc = self.backend.poll(handle)
+            if queued is not None and rc is None and stall.last is None and queued(handle):
+                stall.started = self.clock()
             for rec in follower.poll():
                 if rec.get("attempt") == attempt:
                     stall.progressed(self.clock())
             if follower.state.step != last_step:
                 last_step = follower.state.step
-                self.ledger.update_job(self.plan.job_id, step=follower.state.step,
-                                       max_steps=follower.state.max_steps,
-                                       distributed_type=follower.state.distributed_type)
+                self._record_progress(follower)
             if rc is not None:
                 break
             if self.cancel_requested:
@@ -176,9 +177,18 @@ class Supervisor:
             # would keep writing checkpoints beside the next attempt: end whatever is left.
             self._kill(handle, grace_s=3.0)
         follower.poll()
-        self.ledger.update_job(self.plan.job_id, step=follower.state.step, max_steps=follower.state.max_steps,
-                               distributed_type=follower.state.distributed_type)
+        self._record_progress(follower)
         return self._outcome(handle, rc, stalled, cancelled), follower.state.step
+
+    def _record_progress(self, follower: ProgressFollower) -> None:
+        """Step, max_steps and distributed mode into the ledger; unknown values never erase known ones."""
+        st = follower.state
+        fields = {"step": st.step}
+        if st.max_steps:
+            fields["max_steps"] = st.max_steps
+        if st.distributed_type:
+            fields["distributed_type"] = st.distributed_type
+        self.ledger.update_job(self.plan.job_id, **fields)
 
     def _kill(self, handle: AttemptHandle, grace_s: float) -> None:
         left = self.backend.kill(handle, grace_s=grace_s)

@@ -169,8 +169,13 @@ class StopFlag:
         if self.signal is None:
             self.signal = signal.Signals(signum).name
 
-    def install(self) -> "StopFlag":
-        for sig in STOP_SIGNALS:
+    def install(self, environ=None) -> "StopFlag":
+        """SIGTERM always; plus ``$ORCHESTRATE_STOP_SIGNALS`` (the plan's ``launch.stop_signal``),
+        or SIGUSR1 and SIGUSR2 when run by hand. NCCL may use SIGUSR1 itself, hence the choice."""
+        env = os.environ if environ is None else environ
+        names = [n.strip() for n in env.get(channel.ENV_STOP_SIGNALS, "").split(",") if n.strip()]
+        extra = [signal.Signals[n] for n in names if n in signal.Signals.__members__]
+        for sig in {signal.SIGTERM, *(extra or STOP_SIGNALS)}:
             signal.signal(sig, self._handler)
         return self
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator import channel
 from orchestrator import worker_support as ws
@@ -55,6 +56,10 @@ def launch(tmp: Path, demo: Path, attempt: int = 1, extra_args=(), env_extra=Non
     run_dir = tmp / "run"
     attempt_dir = run_dir / "attempts" / str(attempt)
     out = output_dir or run_dir / "output"
+    worker_config = tmp / "worker.yaml"  # demo.yaml minus launch:, which only orchestrate reads
+    cfg = yaml.safe_load(DEMO_CONFIG.read_text())
+    cfg.pop("launch", None)
+    worker_config.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATE_")}
     env.update({
         "ACCELERATE_USE_FSDP": "1", "FSDP_CPU_RAM_EFFICIENT_LOADING": "1",
@@ -64,7 +69,7 @@ def launch(tmp: Path, demo: Path, attempt: int = 1, extra_args=(), env_extra=Non
         channel.ENV_ATTEMPT: str(attempt), **(env_extra or {}),
     })
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(WORKER),
-            "--config", str(DEMO_CONFIG),
+            "--config", str(worker_config),
             "--model_id", str(demo / MODEL_DIR), "--dataset_path", str(demo / DATA_DIR),
             "--output_dir", str(out), "--use_cpu", "true",
             "--max_steps", str(MAX_STEPS), "--save_steps", str(SAVE_STEPS), "--logging_steps", str(LOGGING_STEPS),
