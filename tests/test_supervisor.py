@@ -98,7 +98,7 @@ class FakeClock:
         self.slept += s
 
 
-def _run(tmp_path, scripts, retry=None, watchdog=None):
+def _setup(tmp_path, scripts, retry=None, watchdog=None):
     cfg = job_config(retry=retry or RetryPolicy(backoff_s=2.0), watchdog=watchdog or WatchdogPolicy())
     plan = make_plan(cfg, Topology(0, 2), job_id="j-1", home=tmp_path, python="python", worker_script="w.py",
                      workdir=str(tmp_path))
@@ -106,8 +106,11 @@ def _run(tmp_path, scripts, retry=None, watchdog=None):
     ledger = Ledger(tmp_path / "ledger.db")
     ledger.create_job(job_id="j-1", name="t", backend="local", run_dir=plan.run_dir, config_path="c",
                       output_dir=plan.output_dir)
-    backend = ScriptedBackend(plan, scripts)
-    clock = FakeClock()
+    return plan, ledger, ScriptedBackend(plan, scripts), FakeClock()
+
+
+def _run(tmp_path, scripts, retry=None, watchdog=None):
+    plan, ledger, backend, clock = _setup(tmp_path, scripts, retry, watchdog)
     events: list[str] = []
     state = Supervisor(plan, ledger, backend, on_event=events.append, clock=clock, sleep=clock.sleep).run()
     return state, ledger.get("j-1"), backend, clock, events
@@ -206,18 +209,13 @@ def test_preemption_resumes_at_once_without_charging_the_budget(tmp_path):
 
 
 def test_cancel_request_ends_the_attempt_and_the_job(tmp_path):
-    cfg_scripts = [Script(steps=[1], returncode=None)]
-    cfg = job_config()
-    plan = make_plan(cfg, Topology(0, 2), job_id="j-1", home=tmp_path, python="p", worker_script="w",
-                     workdir=str(tmp_path))
-    plan.paths.run_dir.mkdir(parents=True)
-    ledger = Ledger(tmp_path / "ledger.db")
-    ledger.create_job(job_id="j-1", name="t", backend="local", run_dir=plan.run_dir, config_path="c",
-                      output_dir=plan.output_dir)
-    backend = ScriptedBackend(plan, cfg_scripts)
-    clock = FakeClock()
-    sup = Supervisor(plan, ledger, backend, clock=clock, sleep=lambda s: (clock.sleep(s), setattr(
-        sup, "cancel_requested", clock.now > 3)))
+    plan, ledger, backend, clock = _setup(tmp_path, [Script(steps=[1], returncode=None)])
+
+    def sleep(s):  # the user cancels 3 s into the attempt
+        clock.sleep(s)
+        sup.cancel_requested = clock.now > 3
+
+    sup = Supervisor(plan, ledger, backend, clock=clock, sleep=sleep)
     assert sup.run() is JobState.CANCELLED
     assert backend.killed == [1]
     assert ledger.get("j-1").attempts[0].failure == "CANCELLED"
