@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import yaml
+
+from orchestrator.backends.local import rank_pids
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = {
@@ -64,14 +65,7 @@ def wait(pred, timeout=600):
 
 
 def rank_pid(job_id: str, rank: int) -> int | None:
-    for p in psutil.process_iter():
-        try:
-            env = p.environ()
-        except psutil.Error:
-            continue
-        if env.get("ORCHESTRATE_JOB_ID") == job_id and env.get("RANK") == str(rank):
-            return p.pid
-    return None
+    return rank_pids(job_id).get(rank)
 
 
 def write_config(tmp: Path, assets: Path, fault: str) -> Path:

@@ -12,9 +12,9 @@ import re
 import signal
 from pathlib import Path
 
-import psutil
 import pytest
 
+from orchestrator.backends.local import rank_pids
 from orch_helpers import orch, progress, status, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -49,14 +49,7 @@ def _checkpoint_at_least(run_dir, step, attempt=None) -> dict | None:
 
 
 def _rank_pid(job_id: str, rank: int) -> int | None:
-    for p in psutil.process_iter():
-        try:
-            env = p.environ()
-        except psutil.Error:
-            continue
-        if env.get("ORCHESTRATE_JOB_ID") == job_id and env.get("RANK") == str(rank):
-            return p.pid
-    return None
+    return rank_pids(job_id).get(rank)
 
 
 def _step_of(path: str | None) -> int:

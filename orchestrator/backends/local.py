@@ -113,6 +113,19 @@ def job_processes(job_id: str, root_pid: int | None = None) -> list[psutil.Proce
     return [p for p in found.values() if p.pid != me]
 
 
+def rank_pids(job_id: str) -> dict[int, int]:
+    """``{global rank: pid}`` of the job's live training ranks (torchrun sets ``RANK`` in each)."""
+    out = {}
+    for p in job_processes(job_id):
+        try:
+            rank = p.environ().get("RANK")
+        except psutil.Error:
+            continue
+        if rank is not None and rank.isdigit() and p.status() != psutil.STATUS_ZOMBIE:
+            out[int(rank)] = p.pid
+    return out
+
+
 def kill_job_processes(job_id: str, root_pid: int | None, grace_s: float = 10.0) -> list[int]:
     """SIGTERM the job's processes, SIGKILL what is left after ``grace_s``; return survivors' PIDs."""
     procs = job_processes(job_id, root_pid)
