@@ -81,11 +81,22 @@ def _error_records(attempt_dir: Path) -> list[tuple[dict, Path]]:
     return [(r, p) for r, p in recs if isinstance(r, dict)]
 
 
+def earliest_error_record(attempt_dir: Path) -> tuple[dict, Path] | None:
+    """The earliest ``error-rank<R>.json`` of an attempt: the root cause, not the echoes on other ranks.
+
+    The supervisor classifies the attempt from it; the dashboard shows it.
+    """
+    recs = _error_records(attempt_dir)
+    if not recs:
+        return None
+    return min(recs, key=lambda rp: (rp[0].get("time") or 0, str(rp[0].get("rank") or 0)))
+
+
 def first_error(attempt_dir: Path) -> FirstError | None:
     """The earliest error record of the attempt, else a rank killed by a signal, else ``None``."""
-    recs = _error_records(attempt_dir)
-    if recs:
-        rec, path = min(recs, key=lambda rp: (rp[0].get("time") or 0, rp[0].get("rank") or 0))
+    found = earliest_error_record(attempt_dir)
+    if found:
+        rec, path = found
         message = str(rec.get("message") or "").strip().splitlines()
         summary = f"{rec.get('type', 'Error')}: {message[0] if message else ''}".rstrip(": ")
         return FirstError(rank=rec.get("rank"), summary=summary[:300], time=rec.get("time"),

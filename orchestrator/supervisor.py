@@ -17,6 +17,7 @@ from .backends.base import AttemptHandle, Backend
 from .checkpoints import list_checkpoints, newest_complete
 from .follow import ProgressFollower, StallClock
 from .ledger import Ledger
+from .logs import earliest_error_record
 from .plan import LaunchPlan
 from .policy import PastAttempt, decide
 from .states import Failure, JobState, Outcome, classify, job_state_after
@@ -199,15 +200,13 @@ class Supervisor:
         adir = Path(handle.attempt_dir)
         status = channel.read_json(adir / channel.STATUS_FILE) or {}
         return Outcome(returncode=rc, agent=channel.read_json(adir / channel.AGENT_RECORD_FILE),
-                       worker_state=status.get("state"), error=first_error(adir),
+                       worker_state=status.get("state"), error=_first_error_record(adir),
                        stalled=stalled, cancelled=cancelled)
 
 
-def first_error(attempt_dir: Path) -> dict | None:
-    """The earliest per-rank error record of an attempt (the root cause, not the echo)."""
-    records = [channel.read_json(p) for p in sorted(Path(attempt_dir).glob("error-rank*.json"))]
-    records = [r for r in records if r]
-    return min(records, key=lambda r: r.get("time", 0)) if records else None
+def _first_error_record(attempt_dir: Path) -> dict | None:
+    found = earliest_error_record(attempt_dir)
+    return found[0] if found else None
 
 
 def _error_line(o: Outcome) -> str:
