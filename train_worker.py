@@ -13,7 +13,7 @@ Environment (all optional; the worker also runs by hand):
 * ``ORCHESTRATE_ATTEMPT_DIR``: where ``status.json`` and ``error-rank<R>.json`` go (default ``output_dir``);
 * ``ORCHESTRATE_ATTEMPT``: attempt number (default 1);
 * ``ORCHESTRATE_RESUME_FROM``: checkpoint path, or ``none`` to start fresh (see
-  :func:`orchestrator.worker_support.resolve_resume` for the full precedence);
+  :func:`orchestrator.worker.support.resolve_resume` for the full precedence);
 * ``ORCHESTRATE_FAULT``: test-only fault injection, ``hang|crash|exit:RANK:STEP[:always]``.
 
 Exit status: 0 completed; 75 (``channel.EXIT_STOPPED``) stopped on SIGTERM/SIGUSR1/SIGUSR2 after
@@ -30,10 +30,22 @@ import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from orchestrator import channel  # noqa: E402
-from orchestrator.worker_support import (  # noqa: E402
-    StopFlag, WorkerEnv, checkpoint_step, env_rank, env_world_size, latest_complete_checkpoint, maybe_inject_fault,
-    parse_fault, resolve_resume, tokens_at_checkpoint, write_checkpoint_marker, write_error,
+from orchestrator.worker import channel  # noqa: E402
+from orchestrator.worker.checkpoints import (  # noqa: E402
+    checkpoint_step,
+    latest_complete_checkpoint,
+    tokens_at_checkpoint,
+    write_checkpoint_marker,
+)
+from orchestrator.worker.support import (  # noqa: E402
+    StopFlag,
+    WorkerEnv,
+    env_rank,
+    env_world_size,
+    maybe_inject_fault,
+    parse_fault,
+    resolve_resume,
+    write_error,
 )
 
 # Installed before the heavy imports (when run as a script) so that an early signal is not lost;
@@ -62,7 +74,7 @@ class ScriptArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention implementation for from_pretrained (sdpa, flash_attention_2, ...). "
                                         "'orchestrate_varlen' (the plan's default for packed rows) is registered "
-                                        "here: per-document attention, see orchestrator/varlen_attn.py. "
+                                        "here: per-document attention, see orchestrator/worker/varlen_attn.py. "
                                         "model_init_kwargs.attn_implementation wins if both are given."})
 
 
@@ -245,7 +257,7 @@ def load_model(model_id: str, training_args, dtype: str | None = None, attn_impl
     if attn_implementation:
         kwargs.setdefault("attn_implementation", attn_implementation)
     if str(kwargs.get("attn_implementation", "")).startswith("orchestrate_"):  # issue 6: our varlen kernel
-        from orchestrator.varlen_attn import register
+        from orchestrator.worker.varlen_attn import register
 
         register()
     if "torch_dtype" in kwargs:  # renamed in transformers 5
@@ -256,8 +268,12 @@ def load_model(model_id: str, training_args, dtype: str | None = None, attn_impl
     return AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
 
 
-class Attempt:
-    """Per-process bookkeeping for the final records."""
+class WorkerRun:
+    """This process's bookkeeping for its attempt's final records (status.json, error-rank<R>.json).
+
+    Not the ledger's :class:`~orchestrator.store.ledger.AttemptRecord`: that is the
+    orchestrator's record of the whole attempt; this lives and dies with one rank.
+    """
 
     def __init__(self):
         self.rank = env_rank()
@@ -318,11 +334,11 @@ def save_final_model(trainer) -> str | None:
     return str(out.absolute()) if any(out.glob("*.safetensors")) else None
 
 
-def run(argv: list[str], att: Attempt) -> int:
+def run(argv: list[str], att: WorkerRun) -> int:
     from transformers import AutoTokenizer, set_seed
     from trl import SFTTrainer
 
-    from orchestrator.cpu_fsdp import check_cpu_fsdp_args, enable_fsdp_on_cpu, fsdp_requested
+    from orchestrator.worker.cpu_fsdp import check_cpu_fsdp_args, enable_fsdp_on_cpu, fsdp_requested
 
     script_args, training_args = parse_args(argv)
     att.training_args = training_args
@@ -374,7 +390,7 @@ def run(argv: list[str], att: Attempt) -> int:
 
 
 def main(argv: list[str] | None = None, allow_fast_exit: bool = False) -> int:
-    att = Attempt()
+    att = WorkerRun()
     try:
         code = run(sys.argv[1:] if argv is None else list(argv), att)
     except Exception as exc:

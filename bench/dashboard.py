@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.ledger import Ledger  # noqa: E402
-from orchestrator.paths import ledger_path  # noqa: E402
+from orchestrator.store.ledger import Ledger  # noqa: E402
+from orchestrator.store.paths import ledger_path  # noqa: E402
 
 STATES = ["COMPLETED"] * 85 + ["FAILED"] * 8 + ["CANCELLED"] * 5 + ["RUNNING"] * 2
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.backends.local import rank_pids
+from orchestrator.backends.processes import rank_pids
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = {

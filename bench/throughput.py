@@ -12,7 +12,7 @@ same rows), at the same sequence length, micro-batch and step count:
     (reentrant), padded batches, ``adamw_torch``, SDPA, bf16 (this file's ``seed-train``);
 (b) **orchestrate**: the same job as a seed-format YAML with no performance keys, planned by
     ``orchestrator.config.load_config`` + ``orchestrator.plan.make_plan`` on this machine's detected
-    topology, and run as the plan says (``plan.argv``: orchestrator.agent -> torchrun -> train_worker.py
+    topology, and run as the plan says (``plan.argv``: orchestrator.worker.agent -> torchrun -> train_worker.py
     with the plan's worker config and environment). Whatever the plan's defaults are, they are measured.
 
 Reported per variant: useful (non-padding) tokens/s over steps ``warm..steps`` (TRL's own token count,
@@ -72,8 +72,8 @@ def prepare(d: Path, size: str, rows: int) -> dict:
     marker = d / f"prepared-{size}-{rows}.json"
     if marker.is_file():
         return json.loads(marker.read_text())
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     rng = random.Random(0)
@@ -254,8 +254,9 @@ def run_orchestrate(args, d: Path, env: dict, label: str, performance: dict | No
     import yaml
 
     from orchestrator.config import load_config
-    from orchestrator.plan import default_worker_script, describe_plan, make_plan
-    from orchestrator.topology import detect_topology
+    from orchestrator.dashboard.plan_view import describe_plan
+    from orchestrator.plan import make_plan
+    from orchestrator.plan.inputs import default_worker_script, detect_topology, read_model_shape
 
     on_gpu = torch.cuda.is_available()
     cfg_path = d / f"{label}.yaml"
@@ -263,7 +264,8 @@ def run_orchestrate(args, d: Path, env: dict, label: str, performance: dict | No
     cfg = load_config(cfg_path, cwd=d)
     job_id = f"bench-{label}-{time.strftime('%H%M%S')}"
     plan = make_plan(cfg, detect_topology(), job_id=job_id, home=d / "home", python=sys.executable,
-                     worker_script=default_worker_script(), workdir=str(d))
+                     worker_script=default_worker_script(), workdir=str(d),
+                     model=read_model_shape(cfg.training.get("model_id")))
     text = describe_plan(plan)
     (d / f"{label}.plan.txt").write_text(text)
     log(f"{label}: plan written to {d / f'{label}.plan.txt'}; performance section:\n" + "\n".join(

@@ -10,9 +10,10 @@ import struct
 import textwrap
 from pathlib import Path
 
-from orchestrator import channel
 from orchestrator.config import JobConfig
-from orchestrator.launch_config import LaunchSettings
+from orchestrator.config.launch import LaunchSettings
+from orchestrator.plan.inputs import read_model_shape
+from orchestrator.worker import channel
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO / "configs"
@@ -42,6 +43,11 @@ def make_demo_workdir(root: Path) -> Path:
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (data / "train_dataset.json").write_text(json.dumps(CHAT_ROW) + "\n")
     return root
+
+
+def model_of(cfg: JobConfig) -> tuple:
+    """What ``make_plan(model=...)`` gets from the loader for ``cfg`` (the plan itself reads nothing)."""
+    return read_model_shape(cfg.training.get("model_id"))
 
 
 def write_config(path: Path, text: str) -> Path:

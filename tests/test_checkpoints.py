@@ -7,8 +7,8 @@ import struct
 import pytest
 from helpers import make_checkpoint, safetensors_bytes
 
-from orchestrator import channel
-from orchestrator.checkpoints import list_checkpoints, newest_complete, verify_checkpoint
+from orchestrator.worker import channel
+from orchestrator.worker.checkpoints import list_checkpoints, newest_complete, verify_checkpoint
 
 
 def test_complete_checkpoint_is_ok(tmp_path):

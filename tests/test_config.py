@@ -11,8 +11,8 @@ import pytest
 from helpers import BASE_YAML, REPO, make_demo_workdir, shipped_configs, write_config
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.jobs import prepare
-from orchestrator.topology import Topology
+from orchestrator.plan.prepare import prepare
+from orchestrator.plan.topology import Topology
 
 
 @pytest.fixture

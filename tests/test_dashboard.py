@@ -13,17 +13,24 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator import channel
-from orchestrator.charts import bar, loss_chart
-from orchestrator.follow import ProgressState
-from orchestrator.ledger import Attempt, Job, Ledger
-from orchestrator.live import LiveView, make_console, watch
-from orchestrator.logs import FirstError, LogFollower, find_traceback, first_error, rank_logs, tail_lines
-from orchestrator.logview import show_logs
-from orchestrator.render import (Snapshot, attempt_label, detail_frame, jobs_table, list_table,
-                                 snapshot_json, status_frame)
-from orchestrator.snapshots import SnapshotSource, tail_follower
+from orchestrator.dashboard.charts import bar, loss_chart
+from orchestrator.dashboard.live import LiveView, make_console, watch
+from orchestrator.dashboard.logview import show_logs
+from orchestrator.dashboard.render import (
+    Snapshot,
+    attempt_label,
+    detail_frame,
+    jobs_table,
+    list_table,
+    snapshot_json,
+    status_frame,
+)
+from orchestrator.dashboard.snapshots import SnapshotSource, tail_follower
 from orchestrator.states import JobState
+from orchestrator.store.ledger import AttemptRecord, Job, Ledger
+from orchestrator.store.logs import FirstError, LogFollower, find_traceback, first_error, rank_logs, tail_lines
+from orchestrator.store.progress import ProgressState
+from orchestrator.worker import channel
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = 50_000.0
@@ -43,11 +50,11 @@ def job(job_id: str = "demo-0101-aaaaaa", state: JobState = JobState.RUNNING, at
     return Job(**{**fields, **kw}, attempts=list(attempts))
 
 
-def attempt(n: int, failure: str | None = None, **kw) -> Attempt:
+def attempt(n: int, failure: str | None = None, **kw) -> AttemptRecord:
     fields = dict(job_id="demo-0101-aaaaaa", n=n, started=NOW - 300 + 60 * n, ended=None if failure is None else
                   NOW - 250 + 60 * n, exit_code=None if failure is None else 1, failure=failure,
                   start_step=0 if n == 1 else 10, end_step=None if failure is None else 14)
-    return Attempt(**{**fields, **kw})
+    return AttemptRecord(**{**fields, **kw})
 
 
 def prog(step: int = 20, **kw) -> ProgressState:
@@ -205,7 +212,7 @@ def test_finished_jobs_come_from_the_persistent_cache(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "dashboard.json").exists()
     assert first["done"].progress.step == 30 and first["done"].max_restarts == 2
     read = []
-    import orchestrator.snapshots as snapshots
+    import orchestrator.dashboard.snapshots as snapshots
 
     real = snapshots.tail_follower
     monkeypatch.setattr(snapshots, "tail_follower", lambda path, n: read.append(Path(path).parent.name) or real(path, n))
@@ -287,7 +294,7 @@ def test_tail_lines_and_follower_handle_partial_lines_and_carriage_returns(tmp_p
 
 
 def rank_logs_stub(path: Path):
-    from orchestrator.logs import RankLog
+    from orchestrator.store.logs import RankLog
 
     return RankLog(0, "stdout", path)
 
@@ -382,7 +389,7 @@ def test_watch_redraws_until_stopped_and_a_job_view_ends_with_its_job(tmp_path):
 
 def test_report_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from orchestrator.report import read_series, write_report
+    from orchestrator.dashboard.report import read_series, write_report
 
     j = make_ledger_job(tmp_path, "rep-0101-ffffff", JobState.COMPLETED, records=40)
     channel.append_jsonl(Path(j.run_dir) / "progress.jsonl", {"event": "start", "attempt": 2, "step": 30})
@@ -395,7 +402,7 @@ def test_report_writes_a_png(tmp_path):
 
 
 def test_report_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
-    from orchestrator import report
+    from orchestrator.dashboard import report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
     with pytest.raises(report.ReportUnavailable, match=r"pip install 'orchestrate\[report\]'"):

@@ -14,7 +14,6 @@ import sys
 import uuid
 
 import pytest
-
 from orch_helpers import REPO, env_for, orch, wait_for, write_config
 
 pytestmark = pytest.mark.integration

@@ -13,9 +13,9 @@ import signal
 from pathlib import Path
 
 import pytest
-
-from orchestrator.backends.local import rank_pids
 from orch_helpers import orch, progress, status, wait_for, write_config
+
+from orchestrator.backends.processes import rank_pids
 
 pytestmark = pytest.mark.integration
 
@@ -181,8 +181,8 @@ def test_g_user_error_fails_once_and_names_the_cause(tmp_path, demo_assets):
 
 
 def test_h_three_kills_give_bit_identical_final_weights(tmp_path, demo_assets):
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     home = tmp_path / "home"
     ref_cfg = _config(tmp_path, demo_assets, output_dir=str(tmp_path / "ref"))

@@ -7,11 +7,12 @@ import math
 import pytest
 from rich.console import Console
 
-from orchestrator import channel
-from orchestrator.follow import ProgressFollower, ProgressState, StallClock
-from orchestrator.ledger import Attempt, Job
-from orchestrator.render import Snapshot, fmt_duration, job_detail, jobs_table, sparkline
+from orchestrator.dashboard.render import Snapshot, fmt_duration, job_detail, jobs_table, sparkline
 from orchestrator.states import JobState
+from orchestrator.store.ledger import AttemptRecord, Job
+from orchestrator.store.progress import ProgressFollower, ProgressState
+from orchestrator.supervise.watchdog import StallClock
+from orchestrator.worker import channel
 
 
 def rec(event: str, step: int, attempt: int = 1, **fields) -> dict:
@@ -127,7 +128,7 @@ NOW = 10_000.0
 
 
 def make_job(state: JobState = JobState.RUNNING, attempts: int = 2, **kw) -> Job:
-    atts = [Attempt(job_id="qwen-0101-abc123", n=n, started=NOW - 500 + 100 * n, ended=None if n == attempts else
+    atts = [AttemptRecord(job_id="qwen-0101-abc123", n=n, started=NOW - 500 + 100 * n, ended=None if n == attempts else
                     NOW - 450 + 100 * n, exit_code=None if n == attempts else -9,
                     failure=None if n == attempts else "KILLED", resumed_from=None if n == 1 else
                     "/out/checkpoint-20", start_step=0 if n == 1 else 20, end_step=20 if n < attempts else None)

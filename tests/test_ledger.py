@@ -9,9 +9,9 @@ import types
 
 import pytest
 
-from orchestrator import ledger as ledger_mod
-from orchestrator.ledger import Ledger, dumps
 from orchestrator.states import JobState
+from orchestrator.store import ledger as ledger_mod
+from orchestrator.store.ledger import Ledger, dumps
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The per-GPU memory estimator (orchestrator/memory.py) against measured points, and its chooser.
+"""The per-GPU memory estimator (orchestrator/plan/memory.py) against measured points, and its chooser.
 
 Measured on CPU (no GPU here), each a real tensor-storage count, not a formula:
 
@@ -20,7 +20,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from orchestrator.memory import GiB, KNOWN_MODELS, ModelShape, Workload, choose, estimate, read_model_shape
+from orchestrator.plan.inputs import KNOWN_MODELS, read_model_shape
+from orchestrator.plan.memory import GiB, ModelShape, Workload, choose, estimate
 
 SHAPES = {  # (hidden, intermediate, heads, kv heads)
     "mha-64": (64, 128, 4, 4),

@@ -1,6 +1,6 @@
 """Packing without cross-contamination: packed loss == unpacked loss, on CPU, in fp32.
 
-``orchestrate_varlen`` (orchestrator/varlen_attn.py) is the attention the plan chooses for packed
+``orchestrate_varlen`` (orchestrator/worker/varlen_attn.py) is the attention the plan chooses for packed
 (padding-free) rows. The checks, from the kernel up to a real 2-rank run:
 
 * model level: TRL's padding-free collator packs 4 documents into one row; the loss and the gradients
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.varlen_attn import NAME, _cuda_varlen, cu_seqlens_from_position_ids, register
+from orchestrator.worker.varlen_attn import NAME, _cuda_varlen, cu_seqlens_from_position_ids, register
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTHS = (7, 13, 5, 20)
@@ -146,11 +146,12 @@ def test_sft_trainer_packed_equals_unpacked(demo_assets, tmp_path):
 @pytest.mark.integration
 def test_worker_with_plan_defaults_trains(demo_assets, tmp_path):
     import yaml
+    from helpers import model_of
 
-    from orchestrator import channel
     from orchestrator.config import load_config
     from orchestrator.plan import make_plan
-    from orchestrator.topology import Topology
+    from orchestrator.plan.topology import Topology
+    from orchestrator.worker import channel
 
     cfg_path = tmp_path / "job.yaml"
     demo_yaml = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
@@ -162,7 +163,8 @@ def test_worker_with_plan_defaults_trains(demo_assets, tmp_path):
     cfg_path.write_text(yaml.safe_dump(demo_yaml))
     cfg = load_config(cfg_path, cwd=tmp_path)
     plan = make_plan(cfg, Topology(gpus=0, cpus=2), job_id="perf-0101-000000", home=tmp_path / "home",
-                     python=sys.executable, worker_script=str(REPO / "train_worker.py"), workdir=str(tmp_path))
+                     python=sys.executable, worker_script=str(REPO / "train_worker.py"), workdir=str(tmp_path),
+                     model=model_of(cfg))
     wc = plan.worker_config
     assert (wc["packing"], wc["attn_implementation"], wc["optim"]) == (True, NAME, "adamw_torch_fused")
     assert wc["activation_checkpointing"] is False

@@ -1,4 +1,4 @@
-"""The fast defaults (orchestrator/perf.py) as the plan applies them, their switches, and the dry-run display.
+"""The fast defaults (orchestrator/plan/performance.py) as the plan applies them, their switches, and the dry-run display.
 
 Pure planning: no torch, no processes. Each default is checked on, off through ``launch.performance``,
 and overridden by an explicit training key.
@@ -9,13 +9,15 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import job_config
+from helpers import job_config, model_of
 
 from orchestrator.config import ConfigError
-from orchestrator.launch_config import parse_launch
-from orchestrator.perf import VARLEN, PerformanceSettings, parse_performance
-from orchestrator.plan import LaunchPlan, describe_plan, make_plan
-from orchestrator.topology import Topology
+from orchestrator.config.launch import parse_launch
+from orchestrator.config.performance import PerformanceSettings, parse_performance
+from orchestrator.dashboard.plan_view import describe_plan
+from orchestrator.plan import LaunchPlan, make_plan
+from orchestrator.plan.performance import VARLEN
+from orchestrator.plan.topology import Topology
 
 CPU = Topology(gpus=0, cpus=8)
 H200 = Topology(gpus=1, cpus=16, gpu_memory_gib=139.8)
@@ -35,8 +37,9 @@ def model_dir(tmp_path) -> Path:
 def plan(training=None, topo=CPU, performance=None, **launch):
     if performance is not None:
         launch["performance"] = PerformanceSettings(**performance)
-    return make_plan(job_config(training, **launch), topo, job_id="job-0101-abcdef", home=Path("/h"),
-                     python="/usr/bin/python3", worker_script="/opt/train_worker.py", workdir="/work")
+    cfg = job_config(training, **launch)
+    return make_plan(cfg, topo, job_id="job-0101-abcdef", home=Path("/h"), python="/usr/bin/python3",
+                     worker_script="/opt/train_worker.py", workdir="/work", model=model_of(cfg))
 
 
 def choices(p: LaunchPlan) -> dict:

@@ -13,12 +13,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import GOLDEN_DIR, job_config, make_demo_workdir, shipped_configs
+from helpers import GOLDEN_DIR, job_config, make_demo_workdir, model_of, shipped_configs
 
-from orchestrator import channel
 from orchestrator.config import ConfigError, load_config
-from orchestrator.plan import LaunchPlan, choose_nproc, describe_plan, fsdp_env, make_plan
-from orchestrator.topology import Topology
+from orchestrator.dashboard.plan_view import describe_plan
+from orchestrator.plan import LaunchPlan, choose_nproc, fsdp_env, make_plan
+from orchestrator.plan.topology import Topology
+from orchestrator.worker import channel
 
 HOME = Path("/home/u/.orchestrate")
 JOB = "job-0101-abcdef"
@@ -27,7 +28,7 @@ JOB = "job-0101-abcdef"
 def plan_for(cfg, topo: Topology, **kw) -> LaunchPlan:
     args = dict(job_id=JOB, home=HOME, python="/usr/bin/python3", worker_script="/opt/train_worker.py",
                 workdir="/work")
-    return make_plan(cfg, topo, **{**args, **kw})
+    return make_plan(cfg, topo, **{**args, "model": model_of(cfg), **kw})
 
 
 # --- nproc and device: one table ---------------------------------------------------------------
@@ -149,7 +150,7 @@ def test_launch_env_is_passed_through():
 
 def test_argv_runs_the_agent_on_the_worker_with_its_config():
     argv = plan_for(job_config(nproc_per_node=2), Topology(0, 8)).argv(3)
-    assert argv[:3] == ["/usr/bin/python3", "-m", "orchestrator.agent"]
+    assert argv[:3] == ["/usr/bin/python3", "-m", "orchestrator.worker.agent"]
     assert argv[-3:] == ["/opt/train_worker.py", "--config", str(HOME / "runs" / JOB / "worker_config.yaml")]
     assert "--max-restarts=0" in argv and "--standalone" in argv
     assert f"--log-dir={HOME / 'runs' / JOB / 'attempts' / '3' / 'ranks'}" in argv
@@ -178,9 +179,10 @@ GOLDEN_CASES += [(p, Topology(gpus=8, cpus=96, hostname="golden"), f"{p.stem}.8g
 @pytest.mark.parametrize("config, topo, golden", GOLDEN_CASES, ids=[c[2] for c in GOLDEN_CASES])
 def test_describe_plan_golden(config, topo, golden, tmp_path):
     workdir = make_demo_workdir(tmp_path / "work")
-    plan = make_plan(load_config(config, cwd=workdir), topo, job_id="golden-0101-000000", home=tmp_path / "home",
+    cfg = load_config(config, cwd=workdir)
+    plan = make_plan(cfg, topo, job_id="golden-0101-000000", home=tmp_path / "home",
                      python="/opt/python/bin/python3", worker_script="/opt/orchestrate/train_worker.py",
-                     workdir=str(workdir))
+                     workdir=str(workdir), model=model_of(cfg))
     text = describe_plan(plan).replace(str(tmp_path), "<TMP>")
     path = GOLDEN_DIR / golden
     if os.environ.get("UPDATE_GOLDEN") == "1":
@@ -215,7 +217,7 @@ def test_hostile_paths_survive_argv_and_are_shell_quoted(tmp_path):
     (workdir / "job.yaml").write_text("model_id: .demo/model\ndataset_path: .demo/data\nmax_steps: 2\n")
     cfg = load_config(workdir / "job.yaml", cwd=workdir)
     plan = make_plan(cfg, Topology(0, 4), job_id=JOB, home=home, python="/usr/bin/python3",
-                     worker_script=worker, workdir=str(workdir))
+                     worker_script=worker, workdir=str(workdir), model=model_of(cfg))
     run_dir = home / "runs" / JOB
 
     argv = plan.argv(1)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.launch_config import RetryPolicy
-from orchestrator.policy import Decision, PastAttempt, decide
+from orchestrator.config.launch import RetryPolicy
 from orchestrator.states import Failure
+from orchestrator.supervise.policy import Decision, PastAttempt, decide
 
 POLICY = RetryPolicy(max_restarts=3, backoff_s=5.0, backoff_max_s=300.0, max_no_progress=2, max_preemptions=2)
 

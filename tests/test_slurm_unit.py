@@ -18,20 +18,31 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import model_of
 
-from orchestrator import channel, slurm_plan
 from orchestrator.backends import get_backend
 from orchestrator.backends.base import AttemptHandle
-from orchestrator.backends.slurm import SlurmBackend, SlurmQueue, exit_status, preflight, publish, submit
-from orchestrator.backends.slurm_node import first_node_address, run_agent
+from orchestrator.backends.slurm.backend import SlurmBackend, SlurmQueue, exit_status, publish
+from orchestrator.backends.slurm.node import first_node_address, run_agent
+from orchestrator.backends.slurm.states import (
+    SLURM_STATES,
+    lookup,
+    normalize_state,
+    parse_sacct,
+    parse_sbatch_parsable,
+    parse_squeue,
+)
+from orchestrator.backends.slurm.submit import preflight, submit
 from orchestrator.config import ConfigError, JobConfig
-from orchestrator.launch_config import LaunchSettings, parse_launch
-from orchestrator.plan import describe_plan, make_plan
-from orchestrator.slurm_config import available_profiles, parse_slurm, parse_time
-from orchestrator.slurm_states import (SLURM_STATES, lookup, normalize_state, parse_sacct, parse_sbatch_parsable,
-                                       parse_squeue)
-from orchestrator.states import Failure, JobState, Outcome, classify
-from orchestrator.topology import Topology
+from orchestrator.config.launch import LaunchSettings, parse_launch
+from orchestrator.config.slurm import available_profiles, parse_slurm, parse_time
+from orchestrator.dashboard.plan_view import describe_plan
+from orchestrator.plan import make_plan
+from orchestrator.plan import slurm as slurm_plan
+from orchestrator.plan.topology import Topology
+from orchestrator.states import Failure, JobState
+from orchestrator.supervise.classify import Outcome, classify
+from orchestrator.worker import channel
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "slurm"
 HOME = Path("/home/u/.orchestrate")
@@ -52,7 +63,7 @@ def slurm_config(slurm: dict, nproc: int | str = 2, name: str = "demo") -> JobCo
 def plan_of(cfg: JobConfig, home: Path = HOME, **kw):
     args = dict(job_id=JOB, home=home, python="/opt/venv/bin/python", worker_script="/opt/orchestrate/train_worker.py",
                 workdir="/home/u/project")
-    return make_plan(cfg, Topology(gpus=0, cpus=2), **{**args, **kw})
+    return make_plan(cfg, Topology(gpus=0, cpus=2), **{**args, "model": model_of(cfg), **kw})
 
 
 # ---- config validation -------------------------------------------------------------------
@@ -226,7 +237,7 @@ def test_per_node_command_rendezvous_and_port():
     argvs = [slurm_plan.node_argv(plan, 3, node=n, nnodes=2, endpoint="10.0.0.1:20123", rdzv_id="123",
                                   python="/py") for n in (0, 1)]
     for node, argv in enumerate(argvs):
-        assert argv[:3] == ["/py", "-m", "orchestrator.agent"]
+        assert argv[:3] == ["/py", "-m", "orchestrator.worker.agent"]
         assert {"--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2", "--rdzv-backend=static",
                 "--rdzv-endpoint=10.0.0.1:20123", "--rdzv-id=123", "--max-restarts=0"} <= set(argv)
         assert f"--log-dir={HOME}/runs/{JOB}/attempts/3/ranks/node{node}" in argv
@@ -254,7 +265,7 @@ def test_dry_run_golden_for_every_profile(profile):
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_preview_is_exactly_what_submitit_writes(profile, tmp_path):
-    from orchestrator.backends.slurm import _executor_class
+    from orchestrator.backends.slurm.submit import _executor_class
 
     plan = plan_of(slurm_config({"profile": profile}, nproc="auto" if profile != "local-lab" else 2), home=tmp_path)
     ex = _executor_class()(slurm_plan.submitit_folder(plan, 1), python=shlex.quote(slurm_plan.job_python(plan)))
@@ -438,7 +449,7 @@ def test_preflight_names_the_setting_slurm_refuses(monkeypatch):
         return 1, "", ("sbatch: error: invalid partition specified: nosuch\n"
                        "allocation failure: Invalid partition name specified\n")
 
-    monkeypatch.setattr("orchestrator.backends.slurm.shutil.which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr("orchestrator.backends.slurm.submit.shutil.which", lambda name: f"/usr/bin/{name}")
     plan = plan_of(slurm_config({"profile": "local-lab", "partition": "nosuch"}))
     assert preflight(plan, runner) == [
         "launch.slurm.partition: SLURM refuses the job: sbatch: error: invalid partition specified: nosuch",
@@ -543,7 +554,7 @@ def test_a_silent_controller_is_waited_for_but_a_vanished_job_is_lost(tmp_path):
 
 ORPHANING = """\
 import json, subprocess, sys
-from orchestrator.backends.slurm_node import become_subreaper, end_orphans
+from orchestrator.backends.slurm.node import become_subreaper, end_orphans
 assert become_subreaper()
 # an "agent" that starts a "rank" in a session of its own and dies at once, like a killed torchrun
 agent = subprocess.Popen([sys.executable, "-c",

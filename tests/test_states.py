@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.states import EXIT_STOPPED, Failure, JobState, Outcome, classify, job_state_after
+from orchestrator.states import Failure, JobState
+from orchestrator.supervise.classify import Outcome, classify, job_state_after
+from orchestrator.worker.channel import EXIT_STOPPED
 
 
 def agent(*exitcodes: int) -> dict:
@@ -89,7 +91,7 @@ def test_transient_failures():
 
 
 def test_exit_stopped_matches_the_channel():
-    from orchestrator import channel
+    from orchestrator.worker import channel
 
     assert EXIT_STOPPED == channel.EXIT_STOPPED == 75
     assert channel.WORKER_STOPPED == "stopped" and channel.WORKER_COMPLETED == "completed"

@@ -7,9 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
-
-from orch_helpers import (REPO, job_processes, orch, progress, single_job_id, start_orch, status, wait_for,
-                          write_config)
+from orch_helpers import job_processes, orch, progress, single_job_id, start_orch, status, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 

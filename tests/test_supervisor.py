@@ -11,17 +11,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from helpers import job_config, make_checkpoint, model_of
 
-from helpers import job_config, make_checkpoint
-from orchestrator import channel
 from orchestrator.backends.base import AttemptHandle
-from orchestrator.launch_config import RetryPolicy, WatchdogPolicy
-from orchestrator.ledger import Ledger
+from orchestrator.config.launch import RetryPolicy, WatchdogPolicy
 from orchestrator.plan import make_plan
+from orchestrator.plan.topology import Topology
 from orchestrator.states import JobState
-from orchestrator.supervisor import Supervisor
-from orchestrator.topology import Topology
+from orchestrator.store.ledger import Ledger
+from orchestrator.supervise.supervisor import Supervisor
+from orchestrator.worker import channel
 
 
 @dataclass
@@ -101,7 +100,7 @@ class FakeClock:
 def _setup(tmp_path, scripts, retry=None, watchdog=None):
     cfg = job_config(retry=retry or RetryPolicy(backoff_s=2.0), watchdog=watchdog or WatchdogPolicy())
     plan = make_plan(cfg, Topology(0, 2), job_id="j-1", home=tmp_path, python="python", worker_script="w.py",
-                     workdir=str(tmp_path))
+                     workdir=str(tmp_path), model=model_of(cfg))
     plan.paths.run_dir.mkdir(parents=True)
     ledger = Ledger(tmp_path / "ledger.db")
     ledger.create_job(job_id="j-1", name="t", backend="local", run_dir=plan.run_dir, config_path="c",

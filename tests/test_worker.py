@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import channel
-from orchestrator import worker_support as ws
 from orchestrator.demo import DATA_DIR, MARKER, MODEL_DIR, TRAIN_FILE, is_complete, prepare_demo
+from orchestrator.worker import channel
+from orchestrator.worker import checkpoints as wck
+from orchestrator.worker import support as ws
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "train_worker.py"
@@ -126,9 +127,9 @@ def _checkpoint(out: Path, step: int, marked=True, state=True) -> Path:
     (ck / "optimizer.bin").write_bytes(b"x" * 10)
     if state:
         state_json = {"global_step": step, "log_history": [{"num_tokens": 100 * step}]}
-        (ck / ws.TRAINER_STATE).write_text(json.dumps(state_json))
+        (ck / wck.TRAINER_STATE).write_text(json.dumps(state_json))
     if marked:
-        ws.write_checkpoint_marker(ck, step, tokens=1000 * step)
+        wck.write_checkpoint_marker(ck, step, tokens=1000 * step)
     return ck
 
 
@@ -140,7 +141,7 @@ def test_resume_precedence_and_complete_checkpoints(tmp_path):
     _checkpoint(out, 12, marked=False)  # killed mid-save: never picked
     assert ws.resolve_resume(out, None, environ={})[0] == str(c8)
     (c8 / "optimizer.bin").write_bytes(b"short")  # size no longer matches the marker
-    assert not ws.is_complete_checkpoint(c8)
+    assert not wck.is_complete_checkpoint(c8)
     assert ws.resolve_resume(out, None, environ={})[0] == str(c4)
     assert ws.resolve_resume(out, str(c8), environ={})[0] == str(c8)  # the config's explicit choice
     env = {channel.ENV_RESUME_FROM: "none"}
@@ -148,14 +149,14 @@ def test_resume_precedence_and_complete_checkpoints(tmp_path):
     assert ws.resolve_resume(out, None, environ={channel.ENV_RESUME_FROM: str(c4)})[0] == str(c4)
     with pytest.raises(FileNotFoundError):
         ws.resolve_resume(out, None, environ={channel.ENV_RESUME_FROM: str(out / "checkpoint-99")})
-    assert ws.tokens_at_checkpoint(c4) == 4000  # from the marker, not TRL's restarted count
+    assert wck.tokens_at_checkpoint(c4) == 4000  # from the marker, not TRL's restarted count
 
 
 def test_unmarked_checkpoints_by_hand_need_trainer_state(tmp_path):
     out = tmp_path / "out"
     c2 = _checkpoint(out, 2, marked=False)
     assert ws.resolve_resume(out, None, environ={})[0] == str(c2)
-    assert ws.tokens_at_checkpoint(c2) == 200  # falls back to the logged num_tokens
+    assert wck.tokens_at_checkpoint(c2) == 200  # falls back to the logged num_tokens
     _checkpoint(out, 3, marked=False, state=False)  # get_last_checkpoint would pick this one and crash
     assert ws.resolve_resume(out, None, environ={})[0] is None
 
@@ -173,7 +174,7 @@ def test_fault_spec():
 
 
 def test_fsdp1_on_cpu_is_refused_up_front():
-    from orchestrator.cpu_fsdp import check_cpu_fsdp_args
+    from orchestrator.worker.cpu_fsdp import check_cpu_fsdp_args
 
     check_cpu_fsdp_args(None)
     check_cpu_fsdp_args({"fsdp_version": 2})
@@ -224,7 +225,7 @@ def test_fsdp_run_completes_with_progress_markers_and_model(completed_run):
     assert ckpts == [str(out / f"checkpoint-{s}") for s in range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS)]
     for path in ckpts:
         marker = channel.read_json(Path(path) / channel.CHECKPOINT_MARKER)
-        assert ws.is_complete_checkpoint(path) and "trainer_state.json" in marker["files"]
+        assert wck.is_complete_checkpoint(path) and "trainer_state.json" in marker["files"]
     status = channel.read_json(attempt_dir / channel.STATUS_FILE)
     assert status["state"] == "completed" and status["step"] == MAX_STEPS
     assert status["distributed_type"] == "FSDP" and status["fsdp_version"] == 2
@@ -246,7 +247,7 @@ def test_sigterm_stops_with_checkpoint_then_resume_is_bit_identical(completed_ru
     stopped_at = status["step"]
     assert 0 < stopped_at < MAX_STEPS and status["signal"] == "SIGTERM" and status["final_model"] is None
     assert status["last_checkpoint"] == str(out / f"checkpoint-{stopped_at}")
-    assert ws.is_complete_checkpoint(status["last_checkpoint"])
+    assert wck.is_complete_checkpoint(status["last_checkpoint"])
     end = records(run_dir)[-1]
     assert end["event"] == "end" and end["state"] == "stopped" and end["step"] == stopped_at
 
@@ -277,7 +278,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_with_exit_75(demo_assets, tmp_path
     assert text.count(f"exitcode  : {channel.EXIT_STOPPED}") == 2, text[-3000:]
     status = channel.read_json(attempt_dir / channel.STATUS_FILE)
     assert status["state"] == "stopped" and status["signal"] == "another rank"
-    assert ws.is_complete_checkpoint(status["last_checkpoint"])
+    assert wck.is_complete_checkpoint(status["last_checkpoint"])
     assert status["last_checkpoint"].endswith(f"checkpoint-{status['step']}")
 
 

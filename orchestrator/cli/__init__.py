@@ -1,0 +1,39 @@
+"""``orchestrate``: thin command-line verbs over the library (see ``orchestrate --help``).
+
+Imports are deferred into each verb so that ``--help``, ``status`` and ``list``
+never import torch or transformers. Verbs that act on jobs are in :mod:`.cmd_jobs`,
+verbs that only read in :mod:`.cmd_view`.
+"""
+from __future__ import annotations
+
+import sys
+
+from .common import EXIT_CANCELLED, EXIT_OK, EXIT_USAGE
+from .parser import build_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb; return the exit status (0 completed, 1 failed, 2 bad input, 130 cancelled)."""
+    args = build_parser().parse_args(argv)
+    from ..config import ConfigError
+    from ..errors import JobError
+    from . import cmd_jobs, cmd_view
+
+    handler = {"submit": cmd_jobs.submit, "validate": cmd_jobs.validate, "cancel": cmd_jobs.cancel,
+               "resume": cmd_jobs.resume, "list": cmd_view.list_jobs, "status": cmd_view.status,
+               "logs": cmd_view.logs, "report": cmd_view.report, "demo": cmd_view.demo}[args.verb]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        for n in exc.notices:
+            print(f"notice: {n}", file=sys.stderr)
+        print(exc.render(), file=sys.stderr)
+        return EXIT_USAGE
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED
+    except BrokenPipeError:  # `orchestrate list | head`
+        sys.stderr.close()
+        return EXIT_OK

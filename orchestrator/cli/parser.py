@@ -1,0 +1,82 @@
+"""The ``orchestrate`` command line: verbs, arguments and their help."""
+from __future__ import annotations
+
+import argparse
+
+SUBMIT_HELP = """\
+Validate CONFIG, plan the launch and run it under a supervisor.
+
+In the foreground the live status of the job is shown until it ends; Ctrl-C
+CANCELS the job (every process of it is ended), as the top line of the view says.
+Use --detach to hand the job to a background supervisor that survives the
+terminal: it prints only the job id; watch it with `orchestrate status JOB` or
+`orchestrate logs JOB -f` (Ctrl-C there only leaves the view).
+Exit status: 0 completed, 1 failed, 2 bad config or usage, 130 cancelled."""
+
+STATUS_HELP = """\
+Without JOB: every job in the ledger (state, attempt n/budget, progress, loss and
+its trend, tokens/s, ETA, last verified checkpoint, elapsed time). With JOB: that
+job in detail (loss curve, attempts and why each ended, first error, where the logs
+are). On a terminal the view refreshes until Ctrl-C, which only leaves the view:
+the jobs keep running. Without a terminal, or with --once, one frame is printed
+as plain text."""
+
+LOGS_HELP = """\
+Every rank's stdout and stderr with a [rank R] prefix (like tail; -f follows).
+A failed attempt ends with its first error (the rank it came from) and where its
+traceback is; --errors prints just that."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orchestrate", description="Launch, follow and resume LLM fine-tuning jobs.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("submit", help="validate, plan and run a training config",
+                       description=SUBMIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("config")
+    s.add_argument("--dry-run", action="store_true", help="print the plan (command, env, paths) and start nothing")
+    s.add_argument("--detach", action="store_true", help="supervise in the background; print only the job id")
+    s.add_argument("--backend", choices=["local", "slurm"], help="override launch.backend of the config")
+
+    v = sub.add_parser("validate", help="check a config and report every problem; start nothing")
+    v.add_argument("config")
+
+    ls = sub.add_parser("list", help="jobs in the ledger, newest first")
+    ls.add_argument("--state", action="append", help="only jobs in this state (repeatable; RUNNING, FAILED, ...)")
+    ls.add_argument("--json", action="store_true")
+
+    st = sub.add_parser("status", help="live view of all jobs, or of one job in detail",
+                        description=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("job", nargs="?")
+    st.add_argument("--once", action="store_true", help="print one frame and exit (the default without a terminal)")
+    st.add_argument("--json", action="store_true", help="machine-readable output (one frame)")
+    st.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between frames (default 1)")
+
+    c = sub.add_parser("cancel", help="end a job and every process of it")
+    c.add_argument("job")
+
+    r = sub.add_parser("resume", help="take over a job whose supervisor is gone, or rerun a failed one")
+    r.add_argument("job")
+    r.add_argument("--detach", action="store_true")
+
+    lg = sub.add_parser("logs", help="print or follow a job's rank logs; find the first error",
+                        description=LOGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lg.add_argument("job")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the attempt "
+                    "(--attempt) or the job ends")
+    lg.add_argument("--attempt", type=int, help="attempt number (default: the last)")
+    lg.add_argument("--rank", type=int, help="only this rank")
+    lg.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines of each file "
+                    "(default: all; 10 with -f)")
+    lg.add_argument("--errors", action="store_true", help="only the first error of the (last failed) attempt "
+                    "and its traceback")
+
+    rp = sub.add_parser("report", help="write a PNG of loss and tokens/s over steps (needs matplotlib)")
+    rp.add_argument("job")
+    rp.add_argument("--out", help="PNG file to write (default: ./<job id>.png)")
+
+    d = sub.add_parser("demo", help="build the tiny local demo model and data set")
+    d.add_argument("action", choices=["prepare"])
+    d.add_argument("--dir", default=".demo")
+    d.add_argument("--force", action="store_true")
+    return p

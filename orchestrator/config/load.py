@@ -1,0 +1,222 @@
+"""Read a seed-format training YAML (plus ``launch:``) and validate all of it at once.
+
+``load_config`` either returns a :class:`JobConfig` or raises :class:`ConfigError`
+carrying *every* problem found, each prefixed with its key path. It creates and
+changes nothing on disk.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .launch import LaunchSettings, parse_launch
+from .renames import FSDP1_ONLY_KEYS, translate
+
+DATASET_FILE = "train_dataset.json"
+
+# Range checks on the training keys users get wrong most: key -> (predicate, description).
+_RANGES = {
+    "learning_rate": (lambda v: v > 0 and math.isfinite(v), "> 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use epochs) or >= 1"),
+    "num_train_epochs": (lambda v: v > 0, "> 0"),
+    "logging_steps": (lambda v: v > 0, "> 0"),
+    "save_steps": (lambda v: v > 0, "> 0"),
+    "eval_steps": (lambda v: v is None or v > 0, "> 0"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0 (steps, or a ratio below 1)"),
+    "max_length": (lambda v: v is None or v >= 1, ">= 1"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "save_total_limit": (lambda v: v is None or v >= 1, ">= 1"),
+    "dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
+}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A validated config: what the worker gets, what the orchestrator keeps."""
+
+    source: Path
+    training: dict[str, Any]      # worker keys (script args + SFTConfig), translated; paths absolute
+    launch: LaunchSettings
+    notices: tuple[str, ...] = field(default=())
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return bool(self.training.get("fsdp"))
+
+    @property
+    def name(self) -> str:
+        return self.launch.name or self.source.stem
+
+
+def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> JobConfig:
+    """Read and validate ``path``. Relative paths in it resolve against ``cwd``, as torchrun would."""
+    source = Path(path)
+    cwd = Path(cwd or os.getcwd())
+    raw = _read_yaml(source)
+    launch_raw = raw.pop("launch", None)
+    launch, problems = parse_launch(launch_raw)
+    training, notices, rename_problems = translate(raw)
+    problems += rename_problems
+    training, type_notices, type_problems = _check_keys(training)
+    notices += type_notices
+    problems += type_problems
+    problems += _check_ranges(training)
+    problems += _check_required(training)
+    training, path_problems = _resolve_paths(training, cwd)
+    problems += path_problems
+    problems += _check_dtype(training)
+    fsdp_notices, fsdp_problems = _check_fsdp(training)
+    notices += fsdp_notices
+    problems += fsdp_problems
+    if problems:
+        raise ConfigError(str(source), problems, notices)
+    return JobConfig(source=source.absolute(), training=training, launch=launch, notices=tuple(notices))
+
+
+def _read_yaml(source: Path) -> dict:
+    if not source.is_file():
+        raise ConfigError(str(source), [f"{source}: no such config file"])
+    try:
+        data = yaml.safe_load(source.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(str(source), [f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"])
+    if not isinstance(data, dict):
+        raise ConfigError(str(source), [f"{source}: expected a mapping of key: value at the top level"])
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(str(source), [f"{k!r}: keys must be strings" for k in bad])
+    return data
+
+
+def _check_keys(training: dict) -> tuple[dict, list[str], list[str]]:
+    from .schema import check_value, closest, known_keys
+
+    known = known_keys()
+    out, notices, problems = {}, [], []
+    for key, value in training.items():
+        if key not in known:
+            hint = closest(key, known)
+            problems.append(f"{key}: unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+            continue
+        value, notice, problem = check_value(key, value, known[key])
+        if problem:
+            problems.append(problem)
+        if notice:
+            notices.append(notice)
+        out[key] = value
+    return out, notices, problems
+
+
+def _check_ranges(training: dict) -> list[str]:
+    problems = []
+    for key, (ok, want) in _RANGES.items():
+        value = training.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            problems.append(f"{key}: must be {want}, got {value!r}")
+    return problems
+
+
+def _check_required(training: dict) -> list[str]:
+    return [f"{key}: required (the worker's script argument)" for key in ("model_id", "dataset_path")
+            if not training.get(key)]
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+
+
+def _check_dtype(training: dict) -> list[str]:
+    dtype = training.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        return [f"dtype: expected one of {list(DTYPES)}, got {dtype!r}"]
+    return []
+
+
+def _looks_like_path(value: str, cwd: Path) -> bool:
+    return value.startswith((".", "/", "~")) or (cwd / value).exists()
+
+
+def _resolve_paths(training: dict, cwd: Path) -> tuple[dict, list[str]]:
+    """Make local paths absolute (the job may run elsewhere) and check they exist."""
+    out, problems = dict(training), []
+    model = training.get("model_id")
+    if isinstance(model, str) and model and _looks_like_path(model, cwd):
+        p = (cwd / Path(model).expanduser()).absolute()
+        out["model_id"] = str(p)
+        if not p.is_dir():
+            problems.append(f"model_id: model folder {p} does not exist")
+        elif not (p / "config.json").is_file():
+            problems.append(f"model_id: {p} has no config.json (not a saved model folder)")
+    data = training.get("dataset_path")
+    if isinstance(data, str) and data:
+        p = (cwd / Path(data).expanduser()).absolute()
+        out["dataset_path"] = str(p)
+        if not p.is_dir():
+            problems.append(f"dataset_path: folder {p} does not exist")
+        elif not (p / DATASET_FILE).is_file():
+            problems.append(f"dataset_path: {p / DATASET_FILE} does not exist (the worker reads {DATASET_FILE})")
+    for key in ("output_dir", "resume_from_checkpoint"):
+        value = training.get(key)
+        if isinstance(value, str) and value:
+            out[key] = str((cwd / Path(value).expanduser()).absolute())
+    return out, problems
+
+
+def _check_fsdp(training: dict) -> tuple[list[str], list[str]]:
+    """FSDP settings that contradict each other or what accelerate accepts."""
+    notices, problems = [], []
+    fsdp_on = bool(training.get("fsdp"))
+    fc = training.get("fsdp_config")
+    if fc is not None and not isinstance(fc, dict):
+        return notices, problems  # a JSON file path (accelerate reads it), or a type problem already reported
+    fc = fc or {}
+    if fc and not fsdp_on:
+        problems.append("fsdp_config: set, but fsdp is off; add 'fsdp: true' or remove fsdp_config")
+    if fsdp_on and training.get("deepspeed"):
+        problems.append("fsdp: FSDP and deepspeed are both set; choose one")
+    version = fc.get("version", 2)
+    if version not in (1, 2, "1", "2"):
+        problems.append(f"fsdp_config.version: expected 1 or 2, got {version!r}")
+    version = int(version) if str(version) in ("1", "2") else 2
+    ckpt = str(fc.get("activation_checkpointing", "false")).lower() == "true"
+    if fsdp_on and ckpt:
+        # transformers 5 reads activation_checkpointing, falling back to its deprecated alias
+        # gradient_checkpointing, whose SFTConfig default is True: unset means on (Trainer refuses that).
+        key = next((k for k in ("activation_checkpointing", "gradient_checkpointing")
+                    if training.get(k) is not None), None)
+        if key is None:
+            training["activation_checkpointing"] = False
+            notices.append("activation_checkpointing: set to false (TRL turns it on by default; "
+                           "fsdp_config.activation_checkpointing does the checkpointing under FSDP)")
+        elif training[key]:
+            problems.append(f"{key}: true together with fsdp_config.activation_checkpointing: true; "
+                            "transformers refuses both, keep fsdp_config.activation_checkpointing")
+    sdt = fc.get("state_dict_type")
+    if sdt is not None and sdt not in ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT"):
+        problems.append(f"fsdp_config.state_dict_type: expected FULL_STATE_DICT or SHARDED_STATE_DICT, got {sdt!r}")
+    awp = fc.get("auto_wrap_policy")
+    if awp is not None and awp not in ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"):
+        problems.append(f"fsdp_config.auto_wrap_policy: expected TRANSFORMER_BASED_WRAP, SIZE_BASED_WRAP or "
+                        f"NO_WRAP, got {awp!r}")
+    if version == 1:
+        sync = str(fc.get("sync_module_states", "true")).lower()
+        cpu_ram = str(fc.get("cpu_ram_efficient_loading", "true")).lower()
+        if fsdp_on and sync == "false" and cpu_ram == "true":
+            problems.append("fsdp_config.sync_module_states: false, but RAM-efficient loading "
+                            "(FSDP_CPU_RAM_EFFICIENT_LOADING) needs it true (accelerate's rule)")
+    elif fsdp_on:
+        ignored = [k for k in FSDP1_ONLY_KEYS if k in fc]
+        if ignored:
+            notices.append(f"fsdp_config: {', '.join(ignored)} only apply to FSDP1 and are ignored under FSDP2")
+    return notices, problems

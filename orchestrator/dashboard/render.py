@@ -1,0 +1,264 @@
+"""Pure rendering: a snapshot of ledger + progress in, a rich renderable (or JSON data) out.
+
+No I/O happens here; ``live.py`` reads the files and passes snapshots in, so the same
+functions serve ``status --once``, the live views, ``--json`` and the tests. The jobs
+table is a light renderer of its own (``table.py``): rich's ``Table`` measures every cell
+and takes seconds for a thousand rows.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from ..states import JobState
+from ..store.ledger import Job
+from ..store.logs import FirstError
+from ..store.progress import ProgressState
+from .charts import bar, loss_chart, sparkline
+from .table import Col, FastTable
+
+__all__ = ["Snapshot", "STATE_STYLE", "sparkline", "fmt_duration", "jobs_table", "list_table", "job_detail",
+           "status_frame", "detail_frame", "snapshot_json", "attempt_label", "attempt_budget", "order_for_status"]
+
+STATE_STYLE = {
+    JobState.PENDING: "yellow", JobState.RUNNING: "bold cyan", JobState.RESUMING: "bold yellow",
+    JobState.COMPLETED: "bold green", JobState.FAILED: "bold red", JobState.CANCELLED: "magenta",
+}
+_BAR_STYLE = {JobState.COMPLETED: "green", JobState.FAILED: "red", JobState.CANCELLED: "magenta",
+              JobState.RESUMING: "yellow", JobState.PENDING: "yellow", JobState.RUNNING: "cyan"}
+_NOT_CHARGED = ("PREEMPTED",)   # graceful stops have a budget of their own (supervise/policy.py)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one frame shows about one job, read from disk beforehand."""
+
+    job: Job
+    progress: ProgressState
+    now: float
+    max_restarts: int | None = None                               # plan.json retry.max_restarts
+    planned_steps: int | None = None                              # plan.json worker_config.max_steps
+    errors: Mapping[int, FirstError] = field(default_factory=dict)  # attempt n -> its first error
+    log_dir: str | None = None                                    # rank logs of the latest attempt
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """``m:ss`` or ``h:mm:ss``; ``-`` for unknown."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def attempt_budget(s: Snapshot) -> int | None:
+    """Attempts the job may make: max_restarts + 1, plus its graceful stops (not charged to it)."""
+    if s.max_restarts is None:
+        return None
+    return s.max_restarts + 1 + sum(1 for a in s.job.attempts if a.failure in _NOT_CHARGED)
+
+
+def attempt_label(s: Snapshot) -> str:
+    """``n/budget`` (see :func:`attempt_budget`), or ``n`` when the plan is unknown."""
+    n, budget = len(s.job.attempts), attempt_budget(s)
+    return str(n or "-") if budget is None else f"{n}/{budget}"
+
+
+def _total(s: Snapshot) -> int | None:
+    return s.progress.max_steps or s.job.max_steps or s.planned_steps
+
+
+def _step(s: Snapshot) -> int:
+    return s.progress.step
+
+
+def _elapsed(s: Snapshot) -> float:
+    end = s.job.updated if s.job.state.is_terminal else s.now
+    return max(0.0, end - s.job.created)
+
+
+def _eta(s: Snapshot) -> float | None:
+    return s.progress.eta_s() if s.job.state is JobState.RUNNING else None
+
+
+def order_for_status(snaps: list[Snapshot]) -> list[Snapshot]:
+    """Jobs still going first, then finished ones; newest first within each (stable)."""
+    return sorted(snaps, key=lambda s: (s.job.state.is_terminal, -s.job.created))
+
+
+_JOB_COLS = [Col("job", 0), Col("name", 9), Col("backend", 8), Col("state", 0), Col("att", 3, right=True),
+             Col("progress", 5), Col("step", 0, right=True), Col("loss", 2, right=True), Col("trend", 7),
+             Col("tok/s", 4, right=True), Col("ETA", 3, right=True), Col("checkpoint", 6),
+             Col("elapsed", 4, right=True), Col("last event", 10, flex=True)]
+
+
+def jobs_table(snaps: list[Snapshot], max_rows: int | None = None) -> FastTable:
+    """One row per job; columns that do not fit the width are dropped, least useful first."""
+    rows = []
+    shown = snaps if max_rows is None else snaps[:max(0, max_rows)]
+    for s in shown:
+        j, p = s.job, s.progress
+        total = _total(s)
+        done, rest = bar(min(_step(s), total) / total if total else 0.0, 12)
+        ckpt = f"step {p.last_checkpoint_step}" if p.last_checkpoint_step is not None else "-"
+        rows.append([
+            ((j.id, "bold"),), ((j.name, ""),), ((j.backend, ""),), ((j.state.value, STATE_STYLE[j.state]),),
+            ((attempt_label(s), ""),), ((done, _BAR_STYLE[j.state]), (rest, "bright_black")),
+            ((f"{_step(s)}/{total or '?'}", ""),), ((_num(p.loss, ".4f"), ""),),
+            ((sparkline([v for _, v in p.losses], 16), "cyan"),), ((_num(p.tokens_per_s, ",.0f"), ""),),
+            ((fmt_duration(_eta(s)), ""),), ((ckpt, "green" if ckpt != "-" else ""),),
+            ((fmt_duration(_elapsed(s)), ""),), (((j.message or "").splitlines()[0] if j.message else "", "dim"),),
+        ])
+    more = len(snaps) - len(shown)
+    footer = f"… {more} more job(s) not shown: orchestrate list" if more else \
+        None if snaps else "no jobs yet: orchestrate submit CONFIG"
+    return FastTable(_JOB_COLS, rows, footer=footer)
+
+
+_LIST_COLS = [Col("job", 0), Col("name", 6), Col("backend", 5), Col("state", 0), Col("attempts", 3, right=True),
+              Col("step", 0, right=True), Col("created", 4), Col("elapsed", 2, right=True),
+              Col("last event", 7, flex=True)]
+
+
+def list_table(jobs: list[Job], now: float) -> FastTable:
+    """``orchestrate list``: ledger columns only (no progress files), fast for any number of jobs."""
+    rows = []
+    for j in jobs:
+        end = j.updated if j.state.is_terminal else now
+        rows.append([((j.id, "bold"),), ((j.name, ""),), ((j.backend, ""),), ((j.state.value, STATE_STYLE[j.state]),),
+                     ((str(len(j.attempts)), ""),), ((f"{j.step}/{j.max_steps or '?'}", ""),),
+                     ((time.strftime("%m-%d %H:%M", time.localtime(j.created)), ""),),
+                     ((fmt_duration(max(0.0, end - j.created)), ""),),
+                     (((j.message or "").splitlines()[0] if j.message else "", "dim"),)])
+    return FastTable(_LIST_COLS, rows, footer=None if rows else "no jobs")
+
+
+def _attempts_table(s: Snapshot) -> Table:
+    att = Table(title="attempts", title_justify="left", header_style="bold", title_style="bold")
+    for col in ("#", "started", "duration", "exit", "failure", "resumed from", "steps gained", "detail"):
+        att.add_column(col, overflow="fold" if col == "detail" else "ellipsis")
+    for a in s.job.attempts:
+        dur = (a.ended or s.now) - a.started
+        err = s.errors.get(a.n)
+        detail = (a.message or "").splitlines()[0] if a.message else (err.line() if err else "")
+        failure = Text(a.failure or "running", style="green" if a.failure == "COMPLETED" else
+                       "cyan" if not a.failure else "yellow" if a.failure == "PREEMPTED" else "red")
+        att.add_row(str(a.n), time.strftime("%H:%M:%S", time.localtime(a.started)), fmt_duration(dur),
+                    "-" if a.exit_code is None else str(a.exit_code), failure,
+                    (a.resumed_from or "-").rsplit("/", 1)[-1], _num(a.steps_gained, "d"), detail)
+    return att
+
+
+def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Group:
+    """One job: summary, loss curve, attempts, first errors and where the logs are.
+
+    The loss curve is left out when ``chart_height`` < 3 (a short terminal).
+    """
+    j, p = s.job, s.progress
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("job", f"{j.id} ({j.name}, {j.backend})")
+    head.add_row("state", Text.assemble((j.state.value, STATE_STYLE[j.state]), f"   attempt {attempt_label(s)}"))
+    total = _total(s)
+    done, rest = bar(min(_step(s), total) / total if total else 0.0, 24)
+    pct = f" ({100 * _step(s) // total}%)" if total else ""
+    head.add_row("step", Text.assemble((done, _BAR_STYLE[j.state]), (rest, "bright_black"),
+                                       f" {_step(s)}/{total or '?'}{pct}   loss {_num(p.loss, '.4f')}  ",
+                                       (sparkline([v for _, v in p.losses], 24), "cyan")))
+    head.add_row("throughput", f"{_num(p.tokens_per_s, ',.0f')} tokens/s   ETA {fmt_duration(_eta(s))}   "
+                               f"elapsed {fmt_duration(_elapsed(s))}")
+    mode = p.distributed_type or j.distributed_type or "-"
+    if p.fsdp_version:
+        mode += f" (FSDP{p.fsdp_version})"
+    head.add_row("distributed", f"{mode}, world size {p.world_size or '-'}")
+    head.add_row("checkpoint", p.last_checkpoint or "-")
+    head.add_row("run dir", j.run_dir)
+    head.add_row("logs", f"orchestrate logs {j.id} -f" + (f"   ({s.log_dir})" if s.log_dir else ""))
+    if j.message:
+        head.add_row("last event", j.message)
+    parts: list = [head]
+    chart = loss_chart(p.losses, width=max(10, chart_width), height=chart_height,
+                       marks=tuple(a.start_step for a in j.attempts[1:] if a.start_step is not None))
+    if len(p.losses) >= 2 and chart and chart_height >= 3:
+        parts.append(Text("\nloss" + ("   (┴ = an attempt resumed here)" if "┴" in chart[-2] else ""),
+                          style="bold"))
+        parts.append(Text("\n".join(chart), style="cyan", no_wrap=True, overflow="crop"))
+    if j.attempts:
+        parts.append(Text(""))
+        parts.append(_attempts_table(s))
+    for n, err in sorted(s.errors.items()):
+        parts.append(Text.assemble(("first error", "bold red"), f", attempt {n}: {err.line()}"))
+        parts.append(Text(f"  traceback: orchestrate logs {j.id} --attempt {n} --errors", style="dim"))
+    return Group(*parts)
+
+
+def _summary(snaps: list[Snapshot], now: float) -> Text:
+    counts: dict[JobState, int] = {}
+    for s in snaps:
+        counts[s.job.state] = counts.get(s.job.state, 0) + 1
+    out = Text.assemble(("orchestrate", "bold"), f"  {len(snaps)} job(s)")
+    for state in JobState:
+        if counts.get(state):
+            out.append(f"  {counts[state]} ")
+            out.append(state.value, style=STATE_STYLE[state])
+    out.append(time.strftime("   %H:%M:%S", time.localtime(now)), style="dim")
+    return out
+
+
+def status_frame(snaps: list[Snapshot], now: float, max_rows: int | None = None, hint: str | None = None) -> Group:
+    """The all-jobs view: a summary line, the table and an optional hint line."""
+    parts: list = [_summary(snaps, now), jobs_table(order_for_status(snaps), max_rows)]
+    if hint:
+        parts.append(Text(hint, style="dim"))
+    return Group(*parts)
+
+
+def detail_frame(s: Snapshot, hint: str | None = None, width: int | None = None, height: int | None = None) -> Group:
+    """One job in detail under an optional hint line (what Ctrl-C does: on top, never cropped).
+
+    Given the terminal's ``width``/``height``, the loss curve shrinks (or goes) so that the
+    attempts table still fits.
+    """
+    chart_w, chart_h = 60, 8
+    if width is not None:
+        chart_w = min(chart_w, width - 10)
+    if height is not None:
+        rest = 15 + (2 if hint else 0) + 2 * len(s.errors) + (4 + len(s.job.attempts) if s.job.attempts else 0)
+        chart_h = min(chart_h, height - rest)
+    detail = job_detail(s, chart_w, chart_h)
+    return Group(Text(hint, style="bold yellow"), detail) if hint else detail
+
+
+def snapshot_json(s: Snapshot, detail: bool = False) -> dict[str, Any]:
+    """Machine-readable form (``--json``); non-finite numbers (a diverged loss) become ``null``."""
+    j, p = s.job, s.progress
+    data = j.to_json()
+    data.update(
+        step=_step(s), max_steps=_total(s), loss=_clean(p.loss), tokens_per_s=_clean(p.tokens_per_s),
+        eta_s=_clean(_eta(s)), elapsed_s=round(_elapsed(s), 3), attempt=len(j.attempts),
+        attempt_budget=attempt_budget(s),
+        last_checkpoint=p.last_checkpoint, last_checkpoint_step=p.last_checkpoint_step,
+        distributed_type=p.distributed_type or j.distributed_type, fsdp_version=p.fsdp_version,
+        world_size=p.world_size, log_dir=s.log_dir,
+        first_errors={str(n): {"rank": e.rank, "summary": e.summary, "step": e.step, "time": e.time,
+                               "record": e.source} for n, e in s.errors.items()},
+    )
+    if detail:
+        data["losses"] = [[step, _clean(v)] for step, v in p.losses]
+    return data

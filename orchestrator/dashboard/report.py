@@ -1,0 +1,106 @@
+"""``orchestrate report``: a PNG of loss and tokens/s over steps, attempt boundaries marked.
+
+matplotlib is an optional extra (``pip install 'orchestrate[report]'``); it is imported
+only here, only when a report is asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..store.ledger import Job
+from ..store.paths import RunPaths
+from ..worker.channel import iter_jsonl
+
+INSTALL_HINT = ("the report needs matplotlib, which is not installed: "
+                "pip install 'orchestrate[report]'  (or: pip install matplotlib)")
+
+
+class ReportUnavailable(RuntimeError):
+    """matplotlib is missing (the CLI exits 2 with this message)."""
+
+
+@dataclass
+class Series:
+    """One attempt's points, read from the progress file."""
+
+    attempt: int
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    tps_steps: list[int] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+    start_step: int | None = None
+
+
+def read_series(progress_path: Path) -> list[Series]:
+    """Per-attempt loss, tokens/s and checkpoint steps, in attempt order."""
+    by_attempt: dict[int, Series] = {}
+    for rec, _ in iter_jsonl(progress_path):
+        n = rec.get("attempt")
+        if not isinstance(n, int):
+            continue
+        s = by_attempt.setdefault(n, Series(n))
+        step, event = rec.get("step"), rec.get("event")
+        if not isinstance(step, int):
+            continue
+        if event == "start":
+            s.start_step = step
+        elif event == "log":
+            if isinstance(rec.get("loss"), (int, float)):
+                s.steps.append(step)
+                s.loss.append(float(rec["loss"]))
+            if isinstance(rec.get("tokens_per_s"), (int, float)):
+                s.tps_steps.append(step)
+                s.tokens_per_s.append(float(rec["tokens_per_s"]))
+        elif event == "checkpoint":
+            s.checkpoints.append(step)
+    return [by_attempt[n] for n in sorted(by_attempt)]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")   # no display on a login node
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ReportUnavailable(INSTALL_HINT) from exc
+    return plt
+
+
+def write_report(job: Job, out: str | Path) -> Path:
+    """Draw the job's loss and tokens/s per step into ``out`` (PNG); return its path."""
+    plt = _pyplot()
+    series = read_series(RunPaths(Path(job.run_dir)).progress)
+    failures = {a.n: a.failure for a in job.attempts}
+    fig, (ax_loss, ax_tps) = plt.subplots(2, 1, sharex=True, figsize=(10, 6.5), dpi=110)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, s in enumerate(series):
+        color = colors[k % len(colors)]
+        label = f"attempt {s.attempt}" + (f" ({failures[s.attempt]})" if failures.get(s.attempt) else "")
+        ax_loss.plot(s.steps, s.loss, marker=".", color=color, label=label)
+        ax_tps.plot(s.tps_steps, s.tokens_per_s, marker=".", color=color, label=label)
+        for step in s.checkpoints:
+            ax_loss.axvline(step, color=color, alpha=0.15, linewidth=1)
+        if k and s.start_step is not None:
+            for ax in (ax_loss, ax_tps):
+                ax.axvline(s.start_step, color=color, linestyle="--", linewidth=1.2)
+            ax_loss.annotate(f"attempt {s.attempt}", (s.start_step, 1.0), xycoords=("data", "axes fraction"),
+                             xytext=(3, -12), textcoords="offset points", color=color, fontsize=8)
+    ax_loss.set_ylabel("loss")
+    ax_tps.set_ylabel("tokens/s")
+    ax_tps.set_xlabel("step  (dashed: an attempt resumed here; faint: checkpoints)")
+    for ax in (ax_loss, ax_tps):
+        ax.grid(alpha=0.3)
+    if series:
+        ax_loss.legend(loc="upper right", fontsize=8)
+    else:
+        ax_loss.text(0.5, 0.5, "no progress recorded yet", ha="center", va="center", transform=ax_loss.transAxes)
+    fig.suptitle(f"{job.id}  ({job.name}, {job.backend})  {job.state.value}, step {job.step}/{job.max_steps or '?'}")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out.absolute()

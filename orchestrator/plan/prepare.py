@@ -1,0 +1,45 @@
+"""From a config file to a plan: read the inputs once, then plan (what ``validate`` and ``--dry-run`` do).
+
+The only function of the package that both reads the outside world (through
+:mod:`orchestrator.plan.inputs`) and plans; it creates and starts nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from ..config import JobConfig, load_config
+from ..store.paths import orchestrate_home
+from .inputs import default_worker_script, detect_topology, read_model_shape
+from .launch_plan import LaunchPlan
+from .make import make_plan
+from .topology import Topology
+
+
+def new_job_id(name: str) -> str:
+    """``<name>-<MMDD>-<6 hex>``: readable, sortable by day, unique enough to type a short prefix."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:40] or "job"
+    return f"{safe}-{time.strftime('%m%d')}-{secrets.token_hex(3)}"
+
+
+def prepare(config_path: str, *, home: Path | None = None, topology: Topology | None = None,
+            cwd: str | None = None, job_id: str | None = None,
+            backend: str | None = None) -> tuple[JobConfig, LaunchPlan]:
+    """Validate and plan without side effects (what ``--dry-run`` shows).
+
+    ``backend`` replaces the config's ``launch.backend`` (``submit --backend``).
+    """
+    cwd = cwd or os.getcwd()
+    cfg = load_config(config_path, cwd=cwd)
+    if backend:
+        cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, backend=backend))
+    topo = topology or detect_topology()
+    plan = make_plan(cfg, topo, job_id=job_id or new_job_id(cfg.name), home=home or orchestrate_home(),
+                     python=sys.executable, worker_script=default_worker_script(), workdir=cwd,
+                     model=read_model_shape(cfg.training.get("model_id")))
+    return cfg, plan

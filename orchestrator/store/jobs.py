@@ -1,0 +1,23 @@
+"""Finding jobs: the ledger of an ``$ORCHESTRATE_HOME`` and a job by id or unique prefix."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import JobError
+from .ledger import Job, Ledger
+from .paths import ledger_path, orchestrate_home
+
+
+def open_ledger(home: Path | None = None) -> Ledger:
+    """The ledger of ``home`` (default: ``$ORCHESTRATE_HOME`` or ``~/.orchestrate``)."""
+    return Ledger(ledger_path(home or orchestrate_home()))
+
+
+def resolve_job(ledger: Ledger, ref: str) -> Job:
+    """The one job whose id is ``ref`` or starts with it; :class:`JobError` if none or several."""
+    ids = ledger.find(ref)
+    if not ids:
+        raise JobError(f"no job '{ref}' in the ledger ({ledger.path})")
+    if len(ids) > 1:
+        raise JobError(f"'{ref}' matches several jobs: {', '.join(ids[:5])}")
+    return ledger.get(ids[0])

@@ -1,0 +1,79 @@
+"""The one place that knows where a job's files live.
+
+Layout under ``$ORCHESTRATE_HOME`` (default ``~/.orchestrate``)::
+
+    ledger.db                      SQLite ledger of jobs and attempts
+    runs/<job_id>/
+        config.yaml                the config exactly as submitted
+        worker_config.yaml         what the worker reads (no ``launch:``, keys translated)
+        plan.json                  the frozen launch plan
+        progress.jsonl             the worker's progress records (all attempts)
+        output/                    default ``output_dir`` (checkpoints, final model)
+        attempts/<n>/
+            torchrun.log           the torchrun agent's stdout and stderr
+            ranks/                 every rank's stdout/stderr (torchrun --log-dir)
+            status.json            the worker's final record for the attempt
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..worker.channel import PROGRESS_FILE, STATUS_FILE
+
+ENV_HOME = "ORCHESTRATE_HOME"
+
+
+def orchestrate_home(environ: dict | None = None) -> Path:
+    """``$ORCHESTRATE_HOME`` or ``~/.orchestrate``, absolute."""
+    env = os.environ if environ is None else environ
+    home = env.get(ENV_HOME) or os.path.join(os.path.expanduser("~"), ".orchestrate")
+    return Path(home).expanduser().absolute()
+
+
+def ledger_path(home: Path) -> Path:
+    return home / "ledger.db"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Paths of one job's run directory."""
+
+    run_dir: Path
+
+    @classmethod
+    def for_job(cls, home: Path, job_id: str) -> "RunPaths":
+        return cls(home / "runs" / job_id)
+
+    @property
+    def submitted_config(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def worker_config(self) -> Path:
+        return self.run_dir / "worker_config.yaml"
+
+    @property
+    def plan(self) -> Path:
+        return self.run_dir / "plan.json"
+
+    @property
+    def progress(self) -> Path:
+        return self.run_dir / PROGRESS_FILE
+
+    @property
+    def default_output_dir(self) -> Path:
+        return self.run_dir / "output"
+
+    def attempt_dir(self, attempt: int) -> Path:
+        return self.run_dir / "attempts" / str(attempt)
+
+    def agent_log(self, attempt: int) -> Path:
+        return self.attempt_dir(attempt) / "torchrun.log"
+
+    def rank_log_dir(self, attempt: int) -> Path:
+        return self.attempt_dir(attempt) / "ranks"
+
+    def status(self, attempt: int) -> Path:
+        return self.attempt_dir(attempt) / STATUS_FILE

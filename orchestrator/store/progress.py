@@ -1,0 +1,90 @@
+"""Incremental, cheap reading of a job's progress file (shared by the supervisor and the dashboard)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..worker.channel import iter_jsonl
+
+
+@dataclass
+class ProgressState:
+    """What the progress records say so far; updated in place by :class:`ProgressFollower`."""
+
+    step: int = 0
+    max_steps: int | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    distributed_type: str | None = None
+    fsdp_version: int | None = None
+    world_size: int | None = None
+    last_checkpoint: str | None = None
+    last_checkpoint_step: int | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    attempt_records: int = 0      # records of the attempt being followed
+    last_attempt: int | None = None
+    rate_start: tuple[float, int] | None = None   # (time, step) of the latest attempt's first log
+    rate_end: tuple[float, int] | None = None
+
+    @property
+    def steps_per_s(self) -> float | None:
+        if not self.rate_start or not self.rate_end or self.rate_end[0] <= self.rate_start[0]:
+            return None
+        return (self.rate_end[1] - self.rate_start[1]) / (self.rate_end[0] - self.rate_start[0])
+
+    def eta_s(self) -> float | None:
+        rate = self.steps_per_s
+        if not rate or not self.max_steps:
+            return None
+        return max(0.0, (self.max_steps - self.step) / rate)
+
+
+class ProgressFollower:
+    """Reads new lines of ``progress.jsonl`` from where it stopped last time."""
+
+    def __init__(self, path: Path, attempt: int | None = None):
+        self.path = Path(path)
+        self.attempt = attempt
+        self.offset = 0
+        self.state = ProgressState()
+
+    def poll(self) -> list[dict]:
+        """Apply and return the records appended since the last call."""
+        new = []
+        for rec, offset in iter_jsonl(self.path, self.offset):
+            self.offset = offset
+            self._apply(rec)
+            new.append(rec)
+        return new
+
+    def _apply(self, rec: dict) -> None:
+        s = self.state
+        if self.attempt is not None and rec.get("attempt") == self.attempt:
+            s.attempt_records += 1
+        event = rec.get("event")
+        if isinstance(rec.get("step"), int):
+            s.step = rec["step"]
+        if rec.get("max_steps"):
+            s.max_steps = rec["max_steps"]
+        if event == "start":
+            s.distributed_type = rec.get("distributed_type")
+            s.fsdp_version = rec.get("fsdp_version")
+            s.world_size = rec.get("world_size")
+        elif event == "log":
+            if rec.get("attempt") != s.last_attempt:
+                s.last_attempt, s.rate_start = rec.get("attempt"), None
+            if isinstance(rec.get("time"), (int, float)):
+                point = (float(rec["time"]), s.step)
+                s.rate_start = s.rate_start or point
+                s.rate_end = point
+            for key in ("loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s"):
+                if rec.get(key) is not None:
+                    setattr(s, key, rec[key])
+            if isinstance(rec.get("loss"), (int, float)):
+                s.losses.append((s.step, float(rec["loss"])))
+        elif event == "checkpoint":
+            s.last_checkpoint = rec.get("path")
+            s.last_checkpoint_step = rec.get("step")

@@ -1,0 +1,56 @@
+"""Creating a job from a plan (run directory + ledger entry) and reading its frozen plan back."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError, JobConfig
+from ..errors import JobError
+from ..plan import LaunchPlan
+from ..store.ledger import Job, Ledger
+from ..store.paths import RunPaths
+from ..worker import channel
+from ..worker.checkpoints import list_checkpoints
+
+
+def check_output_dir(plan: LaunchPlan, cfg: JobConfig, ledger: Ledger) -> None:
+    """Refuse an output_dir that holds another job's (or anybody's) checkpoints."""
+    out = plan.output_dir
+    owners = [j for j in ledger.jobs_using_output_dir(out) if j.id != plan.job_id]
+    ckpts = list_checkpoints(out)
+    active = [j for j in owners if not j.state.is_terminal]
+    if active:
+        raise ConfigError(str(cfg.source), [f"output_dir: {out} is in use by running job {active[0].id}"])
+    if ckpts and owners:
+        raise ConfigError(str(cfg.source), [
+            f"output_dir: {out} holds checkpoints of job {owners[-1].id}; resume that job with "
+            f"'orchestrate resume {owners[-1].id}' or choose another output_dir (nothing was overwritten)"])
+    if ckpts and not cfg.training.get("resume_from_checkpoint"):
+        raise ConfigError(str(cfg.source), [
+            f"output_dir: {out} already holds checkpoints ({ckpts[0][1].name}, ...) not written by an "
+            "orchestrate job; choose another output_dir, or set resume_from_checkpoint to continue from one"])
+
+
+def create_job(cfg: JobConfig, plan: LaunchPlan, ledger: Ledger) -> Job:
+    """Write the run directory and the ledger entry; the job is PENDING afterwards."""
+    check_output_dir(plan, cfg, ledger)
+    paths = plan.paths
+    paths.run_dir.mkdir(parents=True, exist_ok=False)
+    shutil.copyfile(cfg.source, paths.submitted_config)
+    paths.worker_config.write_text(yaml.safe_dump(dict(plan.worker_config), sort_keys=True))
+    channel.write_json_atomic(paths.plan, plan.to_dict())
+    ledger.create_job(job_id=plan.job_id, name=plan.name, backend=plan.backend, run_dir=plan.run_dir,
+                      config_path=str(cfg.source), output_dir=plan.output_dir,
+                      max_steps=plan.worker_config.get("max_steps") if plan.worker_config.get("max_steps", -1) > 0
+                      else None)
+    return ledger.get(plan.job_id)
+
+
+def load_plan(job: Job) -> LaunchPlan:
+    """The job's frozen plan from its run directory."""
+    data = channel.read_json(RunPaths(Path(job.run_dir)).plan)
+    if data is None:
+        raise JobError(f"{job.id}: plan.json missing in {job.run_dir}")
+    return LaunchPlan.from_dict(data)

@@ -1,0 +1,161 @@
+"""Checkpoints as both sides see them: the completion marker the worker writes, and the one
+test of completeness the supervisor (and the worker, when it picks a resume point) applies.
+
+A checkpoint counts only if the worker's completion marker is there (written by rank 0
+after every rank finished writing, see ``channel.CHECKPOINT_MARKER``) and cheap checks
+agree with it: ``trainer_state.json`` parses and its step matches the folder, every
+file the marker lists exists with its recorded size and is non-empty, and every
+safetensors file has a readable header. Reads only small files and headers.
+
+There is one listing (:func:`list_checkpoints`, newest first) and one folder-name pattern.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import channel
+from .channel import CHECKPOINT_MARKER, read_json
+
+TRAINER_STATE = "trainer_state.json"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CheckpointCheck:
+    path: Path
+    step: int
+    ok: bool
+    reason: str = ""
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-N`` folder, newest first."""
+    out = []
+    d = Path(output_dir)
+    if not d.is_dir():
+        return out
+    for child in d.iterdir():
+        m = _CKPT.match(child.name)
+        if m and child.is_dir():
+            out.append((int(m.group(1)), child))
+    return sorted(out, reverse=True)
+
+
+def verify_checkpoint(path: Path, step: int) -> CheckpointCheck:
+    """Check one checkpoint folder; ``reason`` says what is wrong when not ``ok``."""
+    def bad(reason: str) -> CheckpointCheck:
+        return CheckpointCheck(path, step, False, reason)
+
+    marker = read_json(path / CHECKPOINT_MARKER)
+    if not isinstance(marker, dict):
+        return bad("no completion marker (the save did not finish)")
+    if marker.get("step") != step:
+        return bad(f"marker says step {marker.get('step')}, folder says {step}")
+    state = read_json(path / TRAINER_STATE)
+    if not isinstance(state, dict):
+        return bad("trainer_state.json missing or unreadable")
+    if state.get("global_step") != step:
+        return bad(f"trainer_state.json global_step {state.get('global_step')} != {step}")
+    files = marker.get("files") or {}
+    if not isinstance(files, dict) or not files:
+        return bad("marker lists no files")
+    for rel, size in sorted(files.items()):
+        f = path / rel
+        if not f.is_file():
+            return bad(f"{rel} is missing")
+        actual = f.stat().st_size
+        if actual != size or (actual == 0 and not rel.endswith((".json", ".txt"))):
+            return bad(f"{rel} has {actual} bytes, expected {size}")
+        if rel.endswith(".safetensors") and not _safetensors_header_ok(f):
+            return bad(f"{rel}: safetensors header unreadable")
+    return CheckpointCheck(path, step, True)
+
+
+def _safetensors_header_ok(f: Path) -> bool:
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n <= 0 or n > _MAX_HEADER:
+                return False
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            return False
+        size = f.stat().st_size
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return 8 + n + max(ends, default=0) <= size
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
+def newest_complete(output_dir: str | Path) -> tuple[CheckpointCheck | None, list[CheckpointCheck]]:
+    """``(newest good checkpoint or None, checks of the newer ones that were skipped)``."""
+    skipped = []
+    for step, path in list_checkpoints(output_dir):
+        check = verify_checkpoint(path, step)
+        if check.ok:
+            return check, skipped
+        skipped.append(check)
+    return None, skipped
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest complete checkpoint, or ``None``."""
+    check, _skipped = newest_complete(output_dir)
+    return check.path if check else None
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """The completeness test of :func:`verify_checkpoint` for a ``checkpoint-N`` folder."""
+    m = _CKPT.match(Path(path).name)
+    return bool(m) and verify_checkpoint(Path(path), int(m.group(1))).ok
+
+
+# ---- the marker (written by the worker) ---------------------------------------------------
+
+def checkpoint_files(path: str | os.PathLike) -> dict[str, int]:
+    """``{relative_path: size}`` of every file under a checkpoint, marker excluded."""
+    root = Path(path)
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != CHECKPOINT_MARKER:
+            files[p.relative_to(root).as_posix()] = p.stat().st_size
+    return files
+
+
+def write_checkpoint_marker(path: str | os.PathLike, step: int, **extra) -> dict:
+    """Write the marker that says "every rank finished writing this checkpoint" (rank 0, after a barrier)."""
+    record = {"step": int(step), "files": checkpoint_files(path), **extra}
+    channel.write_json_atomic(Path(path) / CHECKPOINT_MARKER, record)
+    return record
+
+
+def read_marker(path: str | os.PathLike) -> dict | None:
+    """The completion marker of a checkpoint folder, or ``None``."""
+    return read_json(Path(path) / CHECKPOINT_MARKER)
+
+
+def checkpoint_step(path: str | os.PathLike | None) -> int:
+    """Global step saved in a checkpoint's ``trainer_state.json`` (0 for none)."""
+    if not path:
+        return 0
+    return int((read_json(Path(path) / TRAINER_STATE) or {}).get("global_step") or 0)
+
+
+def tokens_at_checkpoint(path: str | os.PathLike | None) -> int:
+    """Tokens seen over the whole job up to a checkpoint: its marker, else the last ``num_tokens`` logged."""
+    if not path:
+        return 0
+    marker = read_marker(path) or {}
+    if isinstance(marker.get("tokens"), (int, float)):
+        return int(marker["tokens"])
+    state = read_json(Path(path) / TRAINER_STATE) or {}
+    for entry in reversed(state.get("log_history") or []):
+        if isinstance(entry.get("num_tokens"), (int, float)):
+            return int(entry["num_tokens"])
+    return 0

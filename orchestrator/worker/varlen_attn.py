@@ -1,0 +1,152 @@
+"""``orchestrate_varlen``: per-document attention for packed (padding-free) rows, registered with transformers.
+
+TRL's padding-free collator (``packing=True`` with ``packing_strategy="bfd"``, or ``padding_free=True``)
+concatenates a micro-batch into one row and passes the document boundaries as ``cu_seq_lens_q/k`` and
+``max_length_q/k`` (and restarts ``position_ids`` at 0 for each document). transformers' ``sdpa`` turns that
+into a dense ``T x T`` block-diagonal mask: correct, but attention then runs over the whole packed row
+and SDPA keeps a ``T x T`` bias per layer for backward (the seed's "packed" variant: slower than no packing).
+``flash_attention_2`` needs the ``flash-attn`` package. This implementation needs neither:
+
+* on CUDA with PyTorch's own varlen kernel (``torch.nn.attention.varlen.varlen_attn``, flash-attention
+  inside PyTorch, bf16/fp16): one call over the packed row with the document boundaries;
+* otherwise (CPU, older torch, fp32): causal SDPA per document, so no token attends across a boundary and
+  no ``T x T`` mask exists. Exactly the unpacked computation, document by document.
+
+Batches that are not packed (a 2-D padding mask, or several rows) go to transformers' ``sdpa`` with the
+same mask it would have built itself. Register before ``from_pretrained(attn_implementation=NAME)``::
+
+    from orchestrator.worker.varlen_attn import NAME, register
+    register()
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+
+NAME = "orchestrate_varlen"
+log = logging.getLogger(__name__)
+_state = {"cuda_kernel_failed": False}
+
+
+def register() -> str:
+    """Make ``attn_implementation=NAME`` valid in transformers (idempotent); returns NAME."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import flash_attention_mask
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    # Like flash attention: no mask at all when nothing is padded (packed rows carry cu_seq_lens),
+    # else the 2-D padding mask, which the fallback below turns into SDPA's 4-D mask.
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    return NAME
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_varlen():
+    """``(varlen_attn, {kwarg: value})`` for the installed torch, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    extra = {}
+    if "is_causal" in params:          # torch 2.10/2.11
+        extra["is_causal"] = True
+    elif "window_size" in params:      # later: causal is a (-1, 0) window
+        extra["window_size"] = (-1, 0)
+    else:
+        return None
+    return varlen_attn, extra, "enable_gqa" in params
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document starts (``position_ids == 0``) plus the row length, int32, for one packed row."""
+    pos = position_ids.reshape(-1)
+    starts = (pos == 0).nonzero().flatten()
+    if starts.numel() == 0 or starts[0] != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    return torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
+
+
+def _segments(cu: torch.Tensor) -> list[tuple[int, int]]:
+    bounds = cu.tolist()
+    return [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+
+
+def _per_document_sdpa(query, key, value, cu, scaling, dropout):
+    """[1, H, T, d] inputs -> [1, T, H, d]: causal SDPA on each document separately."""
+    gqa = query.shape[1] != key.shape[1]
+    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                           dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+            for s, e in _segments(cu)]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def _cuda_varlen_attention(query, key, value, cu, max_len, scaling):
+    fn, extra, has_gqa = _cuda_varlen()
+    q = query[0].transpose(0, 1)               # [T, H, d]
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        if has_gqa:
+            extra = {**extra, "enable_gqa": True}
+        else:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, scale=scaling, **extra)
+    if isinstance(out, tuple):
+        out = out[0]
+    return out.unsqueeze(0)                    # [1, T, H, d]
+
+
+def _padded_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """Not packed: what transformers' ``sdpa`` would do, with the 4-D mask it would have built."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = attention_mask
+    if mask is not None and mask.dim() == 2:
+        q_len, kv_len = query.shape[2], key.shape[2]
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        mask = causal[None, None] & mask[:, None, None, :].to(torch.bool)
+        # A query with no visible key (left padding) would give NaN; let it see itself (its loss is masked).
+        mask = mask | torch.eye(q_len, kv_len, dtype=torch.bool, device=query.device)[None, None]
+    for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids"):
+        kwargs.pop(k, None)
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """transformers attention interface: q [B, H, T, d], k/v [B, KV, T, d] -> ([B, T, H, d], None)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    packed_row = attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
+    if packed_row and cu is None and position_ids is not None and position_ids.shape[-1] == query.shape[2]:
+        cu = cu_seqlens_from_position_ids(position_ids)
+    if not packed_row or cu is None:
+        return _padded_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
+            and _cuda_varlen() is not None and not _state["cuda_kernel_failed"]):
+        max_len = kwargs.get("max_length_q")
+        if not isinstance(max_len, int):
+            max_len = int((cu[1:] - cu[:-1]).max())
+        try:
+            return _cuda_varlen_attention(query, key, value, cu, max_len, scaling), None
+        except (RuntimeError, NotImplementedError, TypeError) as e:  # unsupported GPU/head dim/dtype
+            _state["cuda_kernel_failed"] = True
+            log.warning("orchestrate_varlen: torch varlen_attn failed (%s: %s); using per-document SDPA",
+                        type(e).__name__, e)
+    return _per_document_sdpa(query, key, value, cu, scaling, dropout), None
+
+
+def kernel_in_use(device: str | torch.device) -> str:
+    """Which path packed rows take on ``device`` (for logs and the benchmark)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and _cuda_varlen() is not None and not _state["cuda_kernel_failed"]:
+        return "torch varlen_attn (flash, one call per packed row)"
+    return "per-document SDPA"
