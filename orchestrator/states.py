@@ -30,6 +30,7 @@ class Failure(str, enum.Enum):
     COMPLETED = "COMPLETED"
     PREEMPTED = "PREEMPTED"        # graceful stop on a signal: checkpoint saved, resumable
     OOM = "OOM"
+    DISK_FULL = "DISK_FULL"        # no space left where the job writes (checkpoints, logs, the ledger)
     COLLECTIVE_TIMEOUT = "COLLECTIVE_TIMEOUT"  # NCCL/gloo watchdog or collective timeout
     KILLED = "KILLED"              # a process died from a signal (kill -9, OOM killer, ...)
     WORKER_LOST = "WORKER_LOST"    # a rank or the torchrun agent vanished / failed unclassified

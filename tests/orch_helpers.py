@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -97,3 +98,34 @@ def single_job_id(home: Path) -> str:
     jobs = json.loads(r.stdout)
     assert len(jobs) == 1, jobs
     return jobs[0]["id"]
+
+
+class Tmux:
+    """A private tmux server (its own socket) so that the test never touches a user's sessions."""
+
+    def __init__(self):
+        self.socket = f"orch-test-{uuid.uuid4().hex[:8]}"
+
+    def __call__(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args], check=True,
+                              capture_output=True, text=True, timeout=30).stdout
+
+    def start(self, name: str, command: str) -> None:
+        if self.alive():
+            self("new-window", "-d", "-n", name, command)
+        else:
+            self("new-session", "-d", "-s", "t", "-n", name, "-x", "200", "-y", "50", command)
+        self("set-option", "-t", f"t:{name}", "remain-on-exit", "on")
+
+    def alive(self) -> bool:
+        return subprocess.run(["tmux", "-L", self.socket, "has-session", "-t", "t"],
+                              capture_output=True).returncode == 0
+
+    def screen(self, name: str) -> str:
+        return self("capture-pane", "-p", "-t", f"t:{name}")
+
+    def dead(self, name: str) -> bool:
+        return self("display-message", "-p", "-t", f"t:{name}", "#{pane_dead}").strip() == "1"
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)

@@ -117,6 +117,13 @@ def test_output_dir_is_made_absolute_against_cwd(workdir):
     assert load(workdir, "output_dir: ./out\n").training["output_dir"] == str(workdir / "out")
 
 
+def test_output_dir_that_is_a_file_is_refused(workdir):
+    (workdir / "out").write_text("not a folder")
+    assert problems_of(workdir, "output_dir: ./out\n") == [
+        f"output_dir: {workdir / 'out'} exists and is not a folder (checkpoints and the model go there)"]
+    assert (workdir / "out").read_text() == "not a folder"
+
+
 # --- FSDP settings that contradict each other ---------------------------------------------------
 
 def test_fsdp_config_without_fsdp(workdir):

@@ -15,9 +15,9 @@ def agent(*exitcodes: int) -> dict:
                                   "message": ""} for r, c in enumerate(exitcodes)}}
 
 
-def error(etype: str, message: str, phase: str = "train") -> dict:
+def error(etype: str, message: str, phase: str = "train", errno: int | None = None) -> dict:
     """An error-rank<R>.json record."""
-    return {"type": etype, "message": message, "phase": phase, "rank": 0}
+    return {"type": etype, "message": message, "phase": phase, "rank": 0, "errno": errno}
 
 
 CASES = {
@@ -46,6 +46,29 @@ CASES = {
     "train-phase RuntimeError": (Outcome(1, agent=agent(1), error=error("RuntimeError", "boom")), Failure.CRASHED),
     "setup-phase RuntimeError": (Outcome(1, agent=agent(1), error=error("RuntimeError", "x", "setup")),
                                  Failure.CRASHED),
+    "ENOSPC while saving": (Outcome(1, agent=agent(1), error=error("OSError", "[Errno 28] No space left on device",
+                                                                     errno=28)), Failure.DISK_FULL),
+    "safetensors' disk-full message": (Outcome(1, agent=agent(1), error=error(
+        "SafetensorError", "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+        "\"No space left on device\" })")), Failure.DISK_FULL),
+    "torch's 'file write failed' with the disk nearly full": (Outcome(1, agent=agent(1), error=error(
+        "RuntimeError", "PytorchStreamWriter failed writing file data/3: file write failed"), disk_low=True),
+        Failure.DISK_FULL),
+    "'file write failed' with room on the disk": (Outcome(1, agent=agent(1), error=error(
+        "RuntimeError", "PytorchStreamWriter failed writing file data/3: file write failed")), Failure.CRASHED),
+    "no record at all and the disk full": (Outcome(1, agent=agent(1), disk_low=True), Failure.DISK_FULL),
+    "ENOSPC during setup": (Outcome(1, agent=agent(1), error=error("OSError", "x", "setup", errno=28)),
+                            Failure.DISK_FULL),
+    "EIO during setup is retried": (Outcome(1, agent=agent(1), error=error("OSError", "Input/output error",
+                                                                           "setup", errno=5)), Failure.CRASHED),
+    "ESTALE during setup is retried": (Outcome(1, agent=agent(1), error=error("OSError", "Stale file handle",
+                                                                              "setup", errno=116)), Failure.CRASHED),
+    "a missing file during setup is not": (Outcome(1, agent=agent(1), error=error(
+        "FileNotFoundError", "no such file", "setup", errno=2)), Failure.USER_ERROR),
+    "a forbidden file during setup is not": (Outcome(1, agent=agent(1), error=error(
+        "PermissionError", "denied", "setup", errno=13)), Failure.USER_ERROR),
+    "an OSError without errno during setup (hub loading)": (Outcome(1, agent=agent(1), error=error(
+        "OSError", "Can't load tokenizer", "setup")), Failure.USER_ERROR),
     "rank killed by SIGKILL": (Outcome(1, agent=agent(1, -9)), Failure.KILLED),
     "rank killed by SIGSEGV": (Outcome(1, agent=agent(-11)), Failure.KILLED),
     "agent missing, rc -9": (Outcome(-9), Failure.WORKER_LOST),

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from helpers import job_config, make_checkpoint, model_of
 
 from orchestrator.backends.base import AttemptHandle
@@ -18,7 +19,9 @@ from orchestrator.config.launch import RetryPolicy, WatchdogPolicy
 from orchestrator.plan import make_plan
 from orchestrator.plan.topology import Topology
 from orchestrator.states import JobState
-from orchestrator.store.ledger import Ledger
+from orchestrator.store import requests
+from orchestrator.store.lease import Lease
+from orchestrator.store.ledger import FencedOut, Ledger
 from orchestrator.supervise.supervisor import Supervisor
 from orchestrator.worker import channel
 
@@ -45,6 +48,7 @@ class ScriptedBackend:
         self.started: list[tuple[int, str | None]] = []
         self.killed: list[int] = []
         self.rc: dict[int, int | None] = {}
+        self.found: dict[int, AttemptHandle] = {}
 
     def start(self, plan, attempt, resume_from):
         self.started.append((attempt, resume_from))
@@ -83,6 +87,9 @@ class ScriptedBackend:
     def reattach(self, handle):
         return False
 
+    def find(self, plan, attempt):
+        return self.found.get(attempt)
+
 
 class FakeClock:
     def __init__(self):
@@ -111,7 +118,8 @@ def _setup(tmp_path, scripts, retry=None, watchdog=None):
 def _run(tmp_path, scripts, retry=None, watchdog=None):
     plan, ledger, backend, clock = _setup(tmp_path, scripts, retry, watchdog)
     events: list[str] = []
-    state = Supervisor(plan, ledger, backend, on_event=events.append, clock=clock, sleep=clock.sleep).run()
+    lease = Lease.acquire(plan.run_dir)
+    state = Supervisor(plan, ledger, backend, lease, on_event=events.append, clock=clock, sleep=clock.sleep).run()
     return state, ledger.get("j-1"), backend, clock, events
 
 
@@ -166,7 +174,7 @@ def test_incomplete_newest_checkpoint_is_skipped_for_the_previous(tmp_path):
     ])
     assert state is JobState.COMPLETED
     assert backend.started[1][1].endswith("checkpoint-3")
-    assert any("skipping checkpoint-6" in e for e in events)
+    assert any("skipping checkpoint-6" in e and "moved to" in e for e in events)
 
 
 def test_a_silent_attempt_is_stalled_killed_and_resumed(tmp_path):
@@ -214,7 +222,162 @@ def test_cancel_request_ends_the_attempt_and_the_job(tmp_path):
         clock.sleep(s)
         sup.cancel_requested = clock.now > 3
 
-    sup = Supervisor(plan, ledger, backend, clock=clock, sleep=sleep)
+    sup = Supervisor(plan, ledger, backend, Lease.acquire(plan.run_dir), clock=clock, sleep=sleep)
     assert sup.run() is JobState.CANCELLED
     assert backend.killed == [1]
     assert ledger.get("j-1").attempts[0].failure == "CANCELLED"
+
+
+# ---- one owner per job: fencing, requests, write-ahead attempts, adoption (issue 10) ------------
+
+def test_a_supervisor_whose_lease_is_taken_over_leaves_the_job_alone(tmp_path):
+    plan, ledger, backend, clock = _setup(tmp_path, [Script(steps=[1], returncode=None)])
+    lease = Lease.acquire(plan.run_dir)
+    successor = {}
+
+    def sleep(s):  # 3 s in, another supervisor takes the job (the old one was thought dead)
+        clock.sleep(s)
+        if clock.now > 3 and not successor:
+            successor["lease"] = Lease.acquire(plan.run_dir, handoff_token=lease.token)
+            ledger.update_job("j-1", fence=successor["lease"].gen, message="the successor writes")
+
+    events = []
+    sup = Supervisor(plan, ledger, backend, lease, on_event=events.append, clock=clock, sleep=sleep)
+    assert sup.run() is None
+    assert backend.killed == []                          # it signalled nothing
+    job = ledger.get("j-1")
+    assert job.message == "the successor writes"         # and wrote nothing after the successor
+    assert job.attempts[0].ended is None                 # the attempt is the successor's to follow
+    assert "no longer holds the job" in events[-1]
+
+
+def test_writes_with_an_older_lease_generation_are_refused(tmp_path):
+    _, ledger, _, _ = _setup(tmp_path, [])
+    ledger.update_job("j-1", fence=2, message="new owner")
+    with pytest.raises(FencedOut):
+        ledger.update_job("j-1", fence=1, message="old owner")
+    with pytest.raises(FencedOut):
+        ledger.start_attempt("j-1", 1, resumed_from=None, start_step=0, fence=1)
+    assert ledger.get("j-1").message == "new owner" and ledger.get("j-1").attempts == []
+
+
+def test_a_cancel_request_file_is_acted_on_at_the_next_poll(tmp_path):
+    plan, ledger, backend, clock = _setup(tmp_path, [Script(steps=[1], returncode=None)])
+
+    def sleep(s):
+        clock.sleep(s)
+        if 2.0 < clock.now < 2.3:
+            requests.make_request(plan.run_dir, requests.CANCEL)
+            asked["at"] = clock.now
+
+    asked = {}
+    sup = Supervisor(plan, ledger, backend, Lease.acquire(plan.run_dir), clock=clock, sleep=sleep)
+    assert sup.run() is JobState.CANCELLED
+    assert backend.killed == [1] and clock.now - asked["at"] <= 0.5
+    assert requests.pending(plan.run_dir, requests.CANCEL) is None   # done: a later resume is not cancelled
+
+
+def test_an_attempt_is_recorded_before_the_backend_starts_it(tmp_path):
+    plan, ledger, backend, clock = _setup(tmp_path, [Script(steps=[1], returncode=None)])
+
+    def start(plan_, attempt, resume_from):  # the supervisor dies while the backend starts the attempt
+        raise KeyboardInterrupt
+
+    backend.start = start
+    with pytest.raises(KeyboardInterrupt):
+        Supervisor(plan, ledger, backend, Lease.acquire(plan.run_dir), clock=clock, sleep=clock.sleep).run()
+    [att] = ledger.get("j-1").attempts
+    assert (att.n, att.status, att.pid, att.ended) == (1, "STARTING", None, None)
+
+
+def _adopt(tmp_path, found, scripts):
+    plan, ledger, backend, clock = _setup(tmp_path, scripts)
+    ledger.start_attempt("j-1", 1, resumed_from=None, start_step=0)   # left STARTING by a dead supervisor
+    backend.found = found(plan)
+    backend.rc.update({1: 0})
+    events = []
+    sup = Supervisor(plan, ledger, backend, Lease.acquire(plan.run_dir), on_event=events.append, clock=clock,
+                     sleep=clock.sleep)
+    return sup.run(adopt=True), ledger.get("j-1"), backend, events
+
+
+def test_adoption_ends_an_attempt_that_never_started_and_starts_the_next(tmp_path):
+    state, job, backend, events = _adopt(tmp_path, lambda plan: {}, [
+        Script(steps=[1, 2], checkpoints=[2], worker_state="completed", returncode=0)])
+    assert state is JobState.COMPLETED
+    assert [(a.n, a.failure) for a in job.attempts] == [(1, "WORKER_LOST"), (2, "COMPLETED")]
+    assert "never started" in job.attempts[0].message
+    assert [n for n, _ in backend.started] == [2]
+
+
+def test_adoption_follows_an_attempt_started_but_never_recorded(tmp_path):
+    def found(plan):
+        adir = plan.paths.attempt_dir(1)
+        adir.mkdir(parents=True)
+        channel.write_json_atomic(adir / channel.STATUS_FILE, {"state": "completed"})
+        channel.write_json_atomic(adir / channel.AGENT_RECORD_FILE, {"exit_code": 0, "failures": {}})
+        return {1: AttemptHandle(job_id="j-1", attempt=1, pid=4321, attempt_dir=str(adir), pid_start=12.5, host="h")}
+
+    state, job, backend, events = _adopt(tmp_path, found, [])
+    assert state is JobState.COMPLETED and backend.started == []          # no second copy started
+    [att] = job.attempts
+    assert (att.failure, att.pid, att.pid_start, att.host) == ("COMPLETED", 4321, 12.5, "h")
+    assert any("died before recording it" in e for e in events)
+
+
+def test_sighup_hand_off_leaves_the_attempt_running_for_the_new_supervisor(tmp_path):
+    plan, ledger, backend, clock = _setup(tmp_path, [Script(steps=[1], returncode=None)])
+    lease = Lease.acquire(plan.run_dir)
+    spawned = []
+
+    def hand_off(token):  # what the background supervisor does: take the lease with the token
+        spawned.append(Lease.acquire(plan.run_dir, handoff_token=token))
+        return 999
+
+    def sleep(s):
+        clock.sleep(s)
+        if clock.now > 1 and not spawned:
+            sup.request_hand_off()
+
+    sup = Supervisor(plan, ledger, backend, lease, clock=clock, sleep=sleep, hand_off=hand_off,
+                     process_alive=lambda pid: True)
+    assert sup.run() is None
+    assert backend.killed == [] and ledger.get("j-1").attempts[0].ended is None
+    assert spawned[0].gen == lease.gen + 1
+
+
+# ---- a full disk (issue 10) ----------------------------------------------------------------------
+
+ENOSPC_ERROR = {"type": "OSError", "message": "[Errno 28] No space left on device", "phase": "train", "errno": 28}
+
+
+def test_a_full_disk_stops_the_job_keeps_every_complete_checkpoint_and_clears_incomplete_ones(tmp_path):
+    state, job, backend, _, _ = _run(tmp_path, [
+        Script(steps=[1, 2, 3, 4], checkpoints=[2], unmarked_checkpoints=[4], error=ENOSPC_ERROR)])
+    assert state is JobState.FAILED and len(backend.started) == 1
+    assert job.attempts[0].failure == "DISK_FULL"
+    out = Path(job.output_dir)
+    assert "disk full in" in job.message and " free, one checkpoint takes " in job.message
+    assert (out / "checkpoint-2" / channel.CHECKPOINT_MARKER).is_file()        # complete: kept
+    assert not (out / "checkpoint-4").exists()                                  # incomplete: moved aside
+    assert [p.name.split(".")[0] for p in (out / ".incomplete").iterdir()] == ["checkpoint-4"]
+
+
+def test_the_supervisors_own_full_disk_stops_the_job(tmp_path):
+    import sqlite3
+
+    plan, ledger, backend, clock = _setup(tmp_path, [Script(steps=[1], returncode=None)])
+    real = ledger.update_job
+
+    def update_job(job_id, **fields):
+        if clock.now > 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(job_id, **fields)
+
+    ledger.update_job = update_job
+    events = []
+    sup = Supervisor(plan, ledger, backend, Lease.acquire(plan.run_dir), on_event=events.append, clock=clock,
+                     sleep=clock.sleep)
+    assert sup.run() is JobState.FAILED
+    assert backend.killed == [1]                      # the job is stopped, not left running unsupervised
+    assert any(e.startswith("DISK_FULL (the supervisor's own write") for e in events)

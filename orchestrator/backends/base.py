@@ -14,6 +14,8 @@ class AttemptHandle:
     pid: int            # local: the torchrun agent; SLURM: the job id lives in ``external_id``
     attempt_dir: str
     external_id: str | None = None
+    pid_start: float | None = None   # the agent's start time: with pid and host, its identity
+    host: str | None = None
 
 
 class Backend(Protocol):
@@ -33,3 +35,6 @@ class Backend(Protocol):
 
     def reattach(self, handle: AttemptHandle) -> bool:
         """True if the attempt is still running and can be followed from this process."""
+
+    def find(self, plan, attempt: int) -> AttemptHandle | None:
+        """An attempt started by a supervisor that died before recording who runs it (``None``: never started)."""

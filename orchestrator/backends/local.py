@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
 from ..worker import channel
 from .base import AttemptHandle
-from .processes import job_processes, kill_job_processes, pid_alive, send_signal
+from .processes import ProcessId, attempt_root, job_processes, kill_job_processes, send_signal, verified
 
 
 class LocalBackend:
+    """Attempts as local torchrun processes (see the module docstring)."""
+
     name = "local"
 
     def __init__(self) -> None:
@@ -34,15 +37,17 @@ class LocalBackend:
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self._children[(plan.job_id, attempt)] = proc
+        ident = ProcessId.of(proc.pid)
         return AttemptHandle(job_id=plan.job_id, attempt=attempt, pid=proc.pid,
-                             attempt_dir=str(paths.attempt_dir(attempt)))
+                             attempt_dir=str(paths.attempt_dir(attempt)), pid_start=ident.start_time,
+                             host=ident.host)
 
     def poll(self, handle: AttemptHandle) -> int | None:
         proc = self._children.get((handle.job_id, handle.attempt))
         if proc is not None:
             return proc.poll()
-        # Reattached from another supervisor: not our child, so no wait status.
-        if pid_alive(handle.pid):
+        # Adopted from another supervisor: not our child, so no wait status.
+        if verified(_ident(handle), handle.job_id, handle.attempt) is not None:
             return None
         record = read_agent_record(Path(handle.attempt_dir))
         # No record: the agent itself died without a word (kill -9, OOM killer).
@@ -51,14 +56,14 @@ class LocalBackend:
     def signal(self, handle: AttemptHandle, signame: str) -> None:
         sig = signal.Signals[signame]
         # torchrun forwards SIGTERM/SIGINT itself, but not SIGUSR1/2: send to ranks directly.
-        targets = job_processes(handle.job_id, handle.pid)
-        for p in targets:
-            if sig in (signal.SIGTERM, signal.SIGINT) and p.pid != handle.pid:
+        root = verified(_ident(handle), handle.job_id, handle.attempt)
+        for p in job_processes(handle.job_id, _ident(handle), handle.attempt):
+            if sig in (signal.SIGTERM, signal.SIGINT) and root is not None and p.pid != root.pid:
                 continue
             send_signal(p, sig)
 
     def kill(self, handle: AttemptHandle, grace_s: float = 10.0) -> list[int]:
-        left = kill_job_processes(handle.job_id, handle.pid, grace_s)
+        left = kill_job_processes(handle.job_id, _ident(handle), grace_s, attempt=handle.attempt)
         proc = self._children.get((handle.job_id, handle.attempt))
         if proc is not None:
             try:
@@ -68,7 +73,22 @@ class LocalBackend:
         return left
 
     def reattach(self, handle: AttemptHandle) -> bool:
-        return pid_alive(handle.pid)
+        return verified(_ident(handle), handle.job_id, handle.attempt) is not None
+
+    def find(self, plan, attempt: int) -> AttemptHandle | None:
+        adir = plan.paths.attempt_dir(attempt)
+        root = attempt_root(plan.job_id, attempt)
+        if root is not None:
+            return AttemptHandle(job_id=plan.job_id, attempt=attempt, pid=root.pid, attempt_dir=str(adir),
+                                 pid_start=root.start_time, host=root.host)
+        # Nothing runs: it ended already (its records say how) or it never got as far as a process.
+        return AttemptHandle(job_id=plan.job_id, attempt=attempt, pid=0, attempt_dir=str(adir)) if adir.is_dir() else None
+
+
+def _ident(handle: AttemptHandle) -> ProcessId | None:
+    if not handle.pid:
+        return None
+    return ProcessId(handle.pid, handle.pid_start, handle.host or socket.gethostname())
 
 
 def read_agent_record(attempt_dir: Path) -> dict | None:

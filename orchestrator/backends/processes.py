@@ -1,25 +1,47 @@
 """Processes of the orchestrator's own: finding, probing, signalling and starting them.
 
-With the backends, the only code that touches processes. A job's processes are found by
-the job tag every one of them carries in its environment (``ORCHESTRATE_JOB_ID``), plus the
-tree of a known root; psutil does that portably (process trees, environments, waiting on
-non-children). The detached supervisor is started here too.
+With the backends, the only code that touches processes. Nothing is ever signalled
+unless it is provably the job's: a stored PID counts only together with its start time
+and the job tag (``ORCHESTRATE_JOB_ID``) in its environment (a PID reused after a reboot
+or a long time fails that test); every other process is found by the job tag (and the
+attempt number, ``ORCHESTRATE_ATTEMPT``) itself. psutil does that portably (process trees,
+environments, waiting on non-children), and its ``Process`` objects refuse to signal a PID
+that was reused after they were found.
 """
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from ..worker import channel
 
-HEARTBEAT_STALE_S = 30.0
 DAEMON_MODULE = "orchestrator.supervise.daemon"
+ENV_HANDOFF = "ORCHESTRATE_HANDOFF"   # the lease token a detached supervisor may take the lease with
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    """A process as the ledger stores it: PID, its start time and its host."""
+
+    pid: int
+    start_time: float | None
+    host: str
+
+    @classmethod
+    def of(cls, pid: int) -> "ProcessId":
+        """The identity of a live process of this host (a child just started)."""
+        try:
+            start = psutil.Process(pid).create_time()
+        except psutil.Error:
+            start = None
+        return cls(pid, start, socket.gethostname())
 
 
 def pid_alive(pid: int) -> bool:
@@ -32,36 +54,72 @@ def pid_alive(pid: int) -> bool:
 
 
 def send_signal(p: psutil.Process, sig: int) -> None:
-    """Send ``sig`` to ``p``; a process that is already gone is not an error."""
+    """Send ``sig`` to ``p``; a process that is already gone (or whose PID was reused) is not an error."""
     try:
         p.send_signal(sig)
     except psutil.Error:
         pass
 
 
-def job_processes(job_id: str, root_pid: int | None = None) -> list[psutil.Process]:
-    """Every live process of the job: the agent's tree and anything tagged with the job id."""
+def _tagged(p: psutil.Process, job_id: str, attempt: int | None) -> bool:
+    env = p.environ()
+    if env.get(channel.ENV_JOB_ID) != job_id:
+        return False
+    return attempt is None or env.get(channel.ENV_ATTEMPT) == str(attempt)
+
+
+def verified(ident: ProcessId | None, job_id: str, attempt: int | None = None) -> psutil.Process | None:
+    """The process ``ident`` names if PID, start time and job tag all match (and it is of this host)."""
+    if ident is None or not ident.pid or ident.start_time is None or ident.host != socket.gethostname():
+        return None
+    try:
+        p = psutil.Process(ident.pid)
+        if abs(p.create_time() - ident.start_time) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return p if _tagged(p, job_id, attempt) else None
+    except psutil.Error:
+        return None
+
+
+def job_processes(job_id: str, root: ProcessId | None = None, attempt: int | None = None) -> list[psutil.Process]:
+    """Every live process of the job (of one ``attempt``, if given): the verified root's tree and
+    every process carrying the job tag, with their trees."""
     found: dict[int, psutil.Process] = {}
-    if root_pid:
+    me = os.getpid()
+
+    def add_tree(p: psutil.Process) -> None:
+        found[p.pid] = p
         try:
-            root = psutil.Process(root_pid)
-            found[root.pid] = root
-            for c in root.children(recursive=True):
-                found[c.pid] = c
+            for c in p.children(recursive=True):
+                found.setdefault(c.pid, c)
         except psutil.Error:
             pass
-    me = os.getpid()
+
+    root_proc = verified(root, job_id, attempt)
+    if root_proc is not None:
+        add_tree(root_proc)
     for p in psutil.process_iter():
         if p.pid == me or p.pid in found:
             continue
         try:
-            if p.environ().get(channel.ENV_JOB_ID) == job_id:
-                found[p.pid] = p
-                for c in p.children(recursive=True):
-                    found[c.pid] = c
+            if _tagged(p, job_id, attempt):
+                add_tree(p)
         except psutil.Error:
             continue
     return [p for p in found.values() if p.pid != me]
+
+
+def attempt_root(job_id: str, attempt: int) -> ProcessId | None:
+    """The agent (topmost process) of a running attempt, found by its tags: for an attempt whose
+    supervisor died after starting it but before recording its PID."""
+    procs = {p.pid: p for p in job_processes(job_id, attempt=attempt)}
+    for p in procs.values():
+        try:
+            if p.ppid() not in procs and p.status() != psutil.STATUS_ZOMBIE:
+                return ProcessId(p.pid, p.create_time(), socket.gethostname())
+        except psutil.Error:
+            continue
+    return None
 
 
 def rank_pids(job_id: str) -> dict[int, int]:
@@ -77,9 +135,11 @@ def rank_pids(job_id: str) -> dict[int, int]:
     return out
 
 
-def kill_job_processes(job_id: str, root_pid: int | None, grace_s: float = 10.0) -> list[int]:
-    """SIGTERM the job's processes, SIGKILL what is left after ``grace_s``; return survivors' PIDs."""
-    procs = job_processes(job_id, root_pid)
+def kill_job_processes(job_id: str, root: ProcessId | None = None, grace_s: float = 10.0,
+                       attempt: int | None = None) -> list[int]:
+    """SIGTERM the job's processes (of one ``attempt``, if given), SIGKILL what is left after
+    ``grace_s``; return the PIDs still alive."""
+    procs = job_processes(job_id, root, attempt)
     for p in procs:
         send_signal(p, signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
@@ -87,26 +147,27 @@ def kill_job_processes(job_id: str, root_pid: int | None, grace_s: float = 10.0)
         send_signal(p, signal.SIGKILL)
     _, alive = psutil.wait_procs(alive, timeout=5)
     # Catch anything spawned while we were killing (a dataloader worker starting up).
-    late = [p for p in job_processes(job_id, None) if p.is_running()]
+    late = [p for p in job_processes(job_id, None, attempt) if p.is_running()]
     for p in late:
         send_signal(p, signal.SIGKILL)
     _, late_alive = psutil.wait_procs(late, timeout=5)
     return sorted({p.pid for p in alive + late_alive if pid_alive(p.pid)})
 
 
-def supervisor_alive(pid: int | None, heartbeat: float | None) -> bool:
-    """True if supervisor ``pid`` runs here and its heartbeat is fresh."""
-    if not pid:
-        return False
-    return pid_alive(pid) and (time.time() - (heartbeat or 0)) < HEARTBEAT_STALE_S
+def spawn_supervisor(job_id: str, home: Path, run_dir: Path, resume: bool = False,
+                     handoff_token: str | None = None) -> int:
+    """Start a background supervisor that survives the terminal; return its PID.
 
-
-def spawn_supervisor(job_id: str, home: Path, run_dir: Path, resume: bool = False) -> int:
-    """Start a background supervisor that survives the terminal; return its PID."""
+    ``handoff_token``: the lease token of the process handing the job over; the new supervisor
+    takes the lease with it (passed in the environment, which only the user can read).
+    """
     argv = [sys.executable, "-m", DAEMON_MODULE, job_id] + (["--resume"] if resume else [])
     env = {**os.environ, "ORCHESTRATE_HOME": str(home)}
     env.pop(channel.ENV_JOB_ID, None)
-    with open(run_dir / "supervisor.log", "ab") as log:
+    env.pop(ENV_HANDOFF, None)
+    if handoff_token:
+        env[ENV_HANDOFF] = handoff_token
+    with open(Path(run_dir) / "supervisor.log", "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env, cwd=str(run_dir))
     return proc.pid

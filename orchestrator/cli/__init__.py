@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"submit": cmd_jobs.submit, "validate": cmd_jobs.validate, "cancel": cmd_jobs.cancel,
                "resume": cmd_jobs.resume, "list": cmd_view.list_jobs, "status": cmd_view.status,
                "logs": cmd_view.logs, "report": cmd_view.report, "demo": cmd_view.demo}[args.verb]
+    if args.verb not in ("demo", "validate"):
+        _warn_unsupervised(args.verb, getattr(args, "job", None))
     try:
         return handler(args)
     except ConfigError as exc:
@@ -37,3 +39,28 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `orchestrate list | head`
         sys.stderr.close()
         return EXIT_OK
+
+
+def _warn_unsupervised(verb: str, named: str | None) -> None:
+    """On stderr: every unfinished job whose supervisor is gone, with the command that adopts it."""
+    from ..states import JobState
+    from ..store.lease import supervisor_health
+    from ..store.ledger import Ledger
+    from ..store.paths import ledger_path, orchestrate_home
+
+    path = ledger_path(orchestrate_home())
+    if not path.exists():
+        return
+    try:
+        jobs = Ledger(path).jobs([JobState.PENDING, JobState.RUNNING, JobState.RESUMING])
+    except Exception:  # noqa: BLE001 - a warning must never stop the verb itself
+        return
+    for job in jobs:
+        if verb in ("resume", "cancel") and named and job.id.startswith(named):
+            continue  # the verb about to repair it
+        health = supervisor_health(job.run_dir)
+        if health.missing(job.created):
+            who = f" (pid {health.pid} on {health.host}, last heartbeat {health.heartbeat_age_s:.0f} s ago)" \
+                if health.pid else ""
+            print(f"warning: job {job.id} is {job.state.value} but its supervisor is gone{who}; "
+                  f"run: orchestrate resume {job.id}", file=sys.stderr)

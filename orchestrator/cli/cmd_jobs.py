@@ -18,11 +18,10 @@ def validate(args) -> int:
 
 def submit(args) -> int:
     """``orchestrate submit CONFIG``: plan, create the job, supervise it (here or detached)."""
-    from ..backends.processes import spawn_supervisor
     from ..dashboard.plan_view import describe_plan
     from ..plan.prepare import prepare
     from ..store.jobs import open_ledger
-    from ..store.paths import orchestrate_home
+    from ..supervise.control import detach, take_job
     from ..supervise.jobs import create_job
 
     cfg, plan = prepare(args.config, backend=args.backend)
@@ -39,42 +38,57 @@ def submit(args) -> int:
             raise ConfigError(str(cfg.source), problems)
     ledger = open_ledger()
     job = create_job(cfg, plan, ledger)
+    lease = take_job(job)  # a new job: nobody else can hold it
     if args.detach:
-        spawn_supervisor(job.id, orchestrate_home(), plan.paths.run_dir)
+        detach(job, lease, resume=False)
         print(job.id)
         return EXIT_OK
     print(f"job {job.id}: run dir {job.run_dir}  (Ctrl-C cancels the job)", file=sys.stderr)
-    return run_foreground(ledger, job, resume=False)
+    return run_foreground(ledger, job, lease, resume=False)
 
 
-def run_foreground(ledger, job, resume: bool) -> int:
-    """Supervise ``job`` in this process beside its live view; the exit status of the job's end."""
+def run_foreground(ledger, job, lease, resume: bool) -> int:
+    """Supervise ``job`` in this process beside its live view; the exit status of the job's end.
+
+    If the terminal closes, the job is handed to a background supervisor and goes on (exit 0).
+    """
     from ..dashboard.live import LiveView
     from ..states import JobState
     from ..supervise.control import supervise
 
-    with LiveView(ledger, job.id) as view:
-        state = supervise(ledger, job, resume=resume, on_event=view.event)
+    try:
+        with LiveView(ledger, job.id) as view:
+            state = supervise(ledger, job, lease, resume=resume, on_event=view.event, on_hangup=view.hang_up)
+    finally:
+        lease.release()
+    if state is None:
+        return EXIT_OK  # another supervisor holds the job now (hand-off, or it was taken over)
     return {JobState.COMPLETED: EXIT_OK, JobState.CANCELLED: EXIT_CANCELLED}.get(state, EXIT_FAILED)
 
 
 def resume(args) -> int:
-    """``orchestrate resume JOB``: take the job over (its attempt may still run) or rerun it."""
-    from pathlib import Path
+    """``orchestrate resume JOB``: take the job over (its attempt may still run) or rerun it.
 
-    from ..backends.processes import spawn_supervisor
+    Two at once: exactly one takes the job; the other says who supervises it and exits 0.
+    """
     from ..store.jobs import open_ledger, resolve_job
-    from ..store.paths import orchestrate_home
-    from ..supervise.control import check_resumable
+    from ..store.lease import LeaseBusy
+    from ..supervise.control import check_resumable, detach, take_job
 
     ledger = open_ledger()
     job = resolve_job(ledger, args.job)
     check_resumable(job)
+    try:
+        lease = take_job(job)
+    except LeaseBusy as busy:
+        print(f"{job.id} is already supervised by {busy.holder.describe()}; nothing to do")
+        return EXIT_OK
+    job = ledger.get(job.id)  # as it is now that nobody else can change it
     if args.detach:
-        spawn_supervisor(job.id, orchestrate_home(), Path(job.run_dir), resume=True)
+        detach(job, lease, resume=True)
         print(job.id)
         return EXIT_OK
-    return run_foreground(ledger, job, resume=True)
+    return run_foreground(ledger, job, lease, resume=True)
 
 
 def cancel(args) -> int:

@@ -30,11 +30,20 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class WatchdogPolicy:
-    """Stall detection: no progress for max(stall_factor x median step time, stall_floor_s)."""
+    """Stall detection by the worker's phase (see supervise/watchdog.py).
+
+    Training: no progress for max(stall_factor x median step time, stall_floor_s). A save or an
+    evaluation: longer than max(phase_factor x the longest earlier one, save_floor_s/eval_floor_s).
+    Any phase: no liveness heartbeat from rank 0 for heartbeat_timeout_s (a frozen process).
+    """
 
     stall_factor: float = 10.0
     stall_floor_s: float = 300.0
     startup_timeout_s: float = 1800.0   # from attempt start to the first step
+    save_floor_s: float = 1800.0        # a checkpoint save may always take this long
+    eval_floor_s: float = 1800.0        # an evaluation too
+    phase_factor: float = 3.0           # ... or this many times the longest earlier one
+    heartbeat_timeout_s: float = 300.0  # rank 0's liveness beat (every few seconds) missing this long
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,9 @@ def _resolve_paths(training: dict, cwd: Path) -> tuple[dict, list[str]]:
         value = training.get(key)
         if isinstance(value, str) and value:
             out[key] = str((cwd / Path(value).expanduser()).absolute())
+    out_dir = out.get("output_dir")
+    if isinstance(out_dir, str) and out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        problems.append(f"output_dir: {out_dir} exists and is not a folder (checkpoints and the model go there)")
     return out, problems
 
 

@@ -134,6 +134,13 @@ class LiveView:
             except Exception:  # a transient read error must not kill the view
                 continue
 
+    def hang_up(self) -> None:
+        """The terminal is gone (SIGHUP): stop drawing; later events become plain lines (in the job's log)."""
+        self._stop.set()
+        self._live = None
+        self.console = None
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__   # undo the live display's redirection
+
     def event(self, message: str) -> None:
         """A supervisor event: above the live display, or a plain line without a terminal."""
         stamp = time.strftime("%H:%M:%S")

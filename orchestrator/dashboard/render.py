@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..states import JobState
+from ..store.lease import SupervisorHealth
 from ..store.ledger import Job
 from ..store.logs import FirstError
 from ..store.progress import ProgressState
@@ -46,6 +47,36 @@ class Snapshot:
     planned_steps: int | None = None                              # plan.json worker_config.max_steps
     errors: Mapping[int, FirstError] = field(default_factory=dict)  # attempt n -> its first error
     log_dir: str | None = None                                    # rank logs of the latest attempt
+    supervisor: SupervisorHealth | None = None                    # from the lease (read for unfinished jobs)
+    heartbeat: Mapping[str, Any] | None = None                    # the latest attempt's heartbeat.json (phase)
+
+
+def supervisor_gone(s: Snapshot) -> bool:
+    """An unfinished job whose supervisor is gone (dead, stopped, never started): it needs ``resume``."""
+    return not s.job.state.is_terminal and s.supervisor is not None and s.supervisor.missing(s.job.created, s.now)
+
+
+def phase_text(s: Snapshot) -> str | None:
+    """``saving for 0:42 (step 20)``: what the running attempt's rank 0 is doing, from its heartbeat."""
+    hb = s.heartbeat
+    if not hb or s.job.state.is_terminal or not hb.get("phase"):
+        return None
+    since = hb.get("since")
+    took = f" for {fmt_duration(s.now - since)}" if isinstance(since, (int, float)) else ""
+    return f"{hb['phase']}{took}" + (f" (step {hb['step']})" if hb.get("step") else "")
+
+
+def supervisor_line(s: Snapshot) -> Text:
+    """The job detail's supervisor row: who holds the job, or that nobody does and what to run."""
+    sup = s.supervisor
+    if supervisor_gone(s):
+        who = f"pid {sup.pid} on {sup.host}, last heartbeat {fmt_duration(sup.heartbeat_age_s)} ago" if sup.pid \
+            else "none ever started"
+        return Text.assemble(("GONE", "bold red"), f" ({who}): the job is not supervised; run ",
+                             (f"orchestrate resume {s.job.id}", "bold"))
+    if sup is None or s.job.state.is_terminal or not sup.alive:
+        return Text("-")
+    return Text(f"pid {sup.pid} on {sup.host}, heartbeat {sup.heartbeat_age_s:.0f} s ago")
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -107,6 +138,12 @@ _JOB_COLS = [Col("job", 0), Col("name", 9), Col("backend", 8), Col("state", 0), 
              Col("elapsed", 4, right=True), Col("last event", 10, flex=True)]
 
 
+def _last_event(s: Snapshot):
+    if supervisor_gone(s):
+        return ((f"! supervisor gone: orchestrate resume {s.job.id}", "bold red"),)
+    return (((s.job.message or "").splitlines()[0] if s.job.message else "", "dim"),)
+
+
 def jobs_table(snaps: list[Snapshot], max_rows: int | None = None) -> FastTable:
     """One row per job; columns that do not fit the width are dropped, least useful first."""
     rows = []
@@ -122,7 +159,7 @@ def jobs_table(snaps: list[Snapshot], max_rows: int | None = None) -> FastTable:
             ((f"{_step(s)}/{total or '?'}", ""),), ((_num(p.loss, ".4f"), ""),),
             ((sparkline([v for _, v in p.losses], 16), "cyan"),), ((_num(p.tokens_per_s, ",.0f"), ""),),
             ((fmt_duration(_eta(s)), ""),), ((ckpt, "green" if ckpt != "-" else ""),),
-            ((fmt_duration(_elapsed(s)), ""),), (((j.message or "").splitlines()[0] if j.message else "", "dim"),),
+            ((fmt_duration(_elapsed(s)), ""),), _last_event(s),
         ])
     more = len(snaps) - len(shown)
     footer = f"… {more} more job(s) not shown: orchestrate list" if more else \
@@ -188,10 +225,16 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
         mode += f" (FSDP{p.fsdp_version})"
     head.add_row("distributed", f"{mode}, world size {p.world_size or '-'}")
     head.add_row("checkpoint", p.last_checkpoint or "-")
+    if phase_text(s):
+        head.add_row("phase", phase_text(s))
+    if not j.state.is_terminal:
+        head.add_row("supervisor", supervisor_line(s))
     head.add_row("run dir", j.run_dir)
     head.add_row("logs", f"orchestrate logs {j.id} -f" + (f"   ({s.log_dir})" if s.log_dir else ""))
     if j.message:
         head.add_row("last event", j.message)
+    for notice in p.notices:
+        head.add_row("notice", Text(notice, style="yellow"))
     parts: list = [head]
     chart = loss_chart(p.losses, width=max(10, chart_width), height=chart_height,
                        marks=tuple(a.start_step for a in j.attempts[1:] if a.start_step is not None))
@@ -256,6 +299,9 @@ def snapshot_json(s: Snapshot, detail: bool = False) -> dict[str, Any]:
         last_checkpoint=p.last_checkpoint, last_checkpoint_step=p.last_checkpoint_step,
         distributed_type=p.distributed_type or j.distributed_type, fsdp_version=p.fsdp_version,
         world_size=p.world_size, log_dir=s.log_dir,
+        supervisor=(s.supervisor or SupervisorHealth(alive=False)).to_json(),
+        notices=list(p.notices),
+        phase=(s.heartbeat or {}).get("phase") if not j.state.is_terminal else None,
         first_errors={str(n): {"rank": e.rank, "summary": e.summary, "step": e.step, "time": e.time,
                                "record": e.source} for n, e in s.errors.items()},
     )

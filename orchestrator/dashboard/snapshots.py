@@ -19,10 +19,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
+from ..store.lease import supervisor_health
 from ..store.ledger import Job, Ledger
 from ..store.logs import FirstError, first_error
 from ..store.paths import RunPaths
-from ..store.progress import ProgressFollower, ProgressState
+from ..store.progress import ProgressFollower, ProgressState, read_heartbeat
 from ..worker import channel
 from .render import Snapshot
 
@@ -177,8 +178,13 @@ class SnapshotSource:
         log_dir = None
         if detail and job.attempts:
             log_dir = str(RunPaths(Path(job.run_dir)).rank_log_dir(job.attempts[-1].n))
+        health = supervisor_health(job.run_dir) if detail or not job.state.is_terminal else None
+        beat = None
+        if job.attempts and not job.state.is_terminal:
+            beat = read_heartbeat(RunPaths(Path(job.run_dir)).attempt_dir(job.attempts[-1].n))
         return Snapshot(job=job, progress=self._progress(job, detail), now=self.clock(), max_restarts=restarts,
-                        planned_steps=steps, errors=self.errors(job) if detail else {}, log_dir=log_dir)
+                        planned_steps=steps, errors=self.errors(job) if detail else {}, log_dir=log_dir,
+                        supervisor=health, heartbeat=beat)
 
     def _ledger_jobs(self, incremental: bool) -> list[Job]:
         now = self.clock()

@@ -2,6 +2,13 @@
 
 SQLite gives atomic updates from several processes (the supervisor writes, the
 dashboard and CLI read) with no server. WAL mode lets readers never block it.
+
+Writes of a job's supervisor are *fenced*: they carry the supervisor's lease generation
+(:mod:`orchestrator.store.lease`), and a write with an older generation than the newest
+one the job has seen is refused with :class:`FencedOut`, so a supervisor that lost its
+lease can never overwrite what its successor wrote. Attempts are written ahead: recorded
+``STARTING`` before the backend starts them, then ``RUNNING`` with their process
+identity (PID, its start time, host) or scheduler id, then ended.
 """
 from __future__ import annotations
 
@@ -31,7 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     distributed_type TEXT,
     supervisor_pid INTEGER,
     heartbeat REAL,
-    message TEXT
+    message TEXT,
+    fence INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_output_dir ON jobs(output_dir);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -47,9 +55,25 @@ CREATE TABLE IF NOT EXISTS attempts (
     end_step INTEGER,
     gained_checkpoint INTEGER,
     message TEXT,
+    status TEXT,
+    pid_start REAL,
+    host TEXT,
+    external_id TEXT,
     PRIMARY KEY (job_id, n)
 );
 """
+# Columns added after 0.1: ledgers written by 0.1 get them on first open.
+_MIGRATIONS = {
+    "jobs": {"fence": "INTEGER NOT NULL DEFAULT 0"},
+    "attempts": {"status": "TEXT", "pid_start": "REAL", "host": "TEXT", "external_id": "TEXT"},
+}
+
+# attempts.status: written ahead (STARTING) before the backend starts the attempt.
+STARTING, RUNNING, ENDED = "STARTING", "RUNNING", "ENDED"
+
+
+class FencedOut(Exception):
+    """A write carried an older lease generation than the job has seen: its writer lost the lease."""
 
 
 @dataclass
@@ -68,6 +92,15 @@ class AttemptRecord:
     end_step: int | None = None
     gained_checkpoint: int | None = None
     message: str | None = None
+    status: str | None = None        # STARTING, RUNNING or ENDED (None: written by 0.1)
+    pid_start: float | None = None   # the agent process's start time: with pid and host, its identity
+    host: str | None = None
+    external_id: str | None = None   # the scheduler's id (SLURM job id)
+
+    @property
+    def is_open(self) -> bool:
+        """Not ended: running, or started by a supervisor that died before recording its end."""
+        return self.ended is None
 
     @property
     def steps_gained(self) -> int | None:
@@ -95,6 +128,7 @@ class Job:
     supervisor_pid: int | None = None
     heartbeat: float | None = None
     message: str | None = None
+    fence: int = 0
     attempts: list[AttemptRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -106,6 +140,8 @@ class Job:
 
 class Ledger:
     """Jobs and attempts in ``path`` (created on first use)."""
+
+    _migrated: set[str] = set()   # ledgers brought up to date by this process
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -119,9 +155,29 @@ class Ledger:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.executescript(_SCHEMA)
+            if str(self.path) not in Ledger._migrated:
+                _migrate(conn)
+                Ledger._migrated.add(str(self.path))
             yield conn
         finally:
             conn.close()
+
+    @contextmanager
+    def _fenced(self, job_id: str, fence: int | None) -> Iterator[sqlite3.Connection]:
+        """A write transaction that first checks (and raises) the job's fence to ``fence``."""
+        with self._conn() as c:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                if fence is not None:
+                    row = c.execute("SELECT fence FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                    if row is not None and row["fence"] > fence:
+                        raise FencedOut(f"{job_id}: lease generation {fence} is older than {row['fence']}")
+                    c.execute("UPDATE jobs SET fence = ? WHERE id = ? AND fence < ?", (fence, job_id, fence))
+                yield c
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
 
     def create_job(self, *, job_id: str, name: str, backend: str, run_dir: str, config_path: str,
                    output_dir: str, max_steps: int | None = None) -> None:
@@ -134,30 +190,35 @@ class Ledger:
                  max_steps),
             )
 
-    def update_job(self, job_id: str, **fields: Any) -> None:
-        """Set columns of a job; ``state`` may be a JobState."""
+    def update_job(self, job_id: str, *, fence: int | None = None, **fields: Any) -> None:
+        """Set columns of a job; ``state`` may be a JobState. ``fence``: the writer's lease generation."""
         if not fields:
             return
         if isinstance(fields.get("state"), JobState):
             fields["state"] = fields["state"].value
         fields["updated"] = time.time()
         cols = ", ".join(f"{k} = ?" for k in fields)
-        with self._conn() as c:
+        with self._fenced(job_id, fence) as c:
             c.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
-    def start_attempt(self, job_id: str, n: int, *, pid: int | None, resumed_from: str | None,
-                      start_step: int) -> None:
-        with self._conn() as c:
+    def start_attempt(self, job_id: str, n: int, *, resumed_from: str | None, start_step: int,
+                      fence: int | None = None, pid: int | None = None, status: str = STARTING) -> None:
+        """Record attempt ``n`` (ahead of starting it: ``STARTING``, no PID yet)."""
+        with self._fenced(job_id, fence) as c:
             c.execute(
-                "INSERT INTO attempts (job_id, n, started, pid, resumed_from, start_step) VALUES (?,?,?,?,?,?)",
-                (job_id, n, time.time(), pid, resumed_from, start_step),
+                "INSERT INTO attempts (job_id, n, started, pid, resumed_from, start_step, status) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (job_id, n, time.time(), pid, resumed_from, start_step, status),
             )
 
-    def update_attempt(self, job_id: str, n: int, **fields: Any) -> None:
+    def update_attempt(self, job_id: str, n: int, *, fence: int | None = None, **fields: Any) -> None:
+        """Set columns of attempt ``n``; ``fence`` as for :meth:`update_job`."""
         if not fields:
             return
+        if fields.get("ended") is not None:
+            fields.setdefault("status", ENDED)
         cols = ", ".join(f"{k} = ?" for k in fields)
-        with self._conn() as c:
+        with self._fenced(job_id, fence) as c:
             c.execute(f"UPDATE attempts SET {cols} WHERE job_id = ? AND n = ?", (*fields.values(), job_id, n))
 
     def get(self, job_id: str) -> Job | None:
@@ -212,6 +273,18 @@ class Ledger:
         with self._conn() as c:
             rows = c.execute("SELECT * FROM jobs WHERE output_dir = ?", (output_dir,)).fetchall()
         return [_job(r, []) for r in rows]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    for table, columns in _MIGRATIONS.items():
+        have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+        for name, decl in columns.items():
+            if name not in have:
+                try:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                except sqlite3.OperationalError as e:   # another process added it first
+                    if "duplicate column" not in str(e):
+                        raise
 
 
 def _job(row: sqlite3.Row, attempts) -> Job:

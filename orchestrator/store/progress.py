@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..worker.channel import iter_jsonl
+from ..worker.channel import HEARTBEAT_FILE, iter_jsonl, read_json
 
 
 @dataclass
@@ -24,6 +24,8 @@ class ProgressState:
     last_checkpoint: str | None = None
     last_checkpoint_step: int | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)   # what the worker wants the user to know (once each)
+    save_s: list[float] = field(default_factory=list)  # how long each checkpoint save blocked training
     attempt_records: int = 0      # records of the attempt being followed
     last_attempt: int | None = None
     rate_start: tuple[float, int] | None = None   # (time, step) of the latest attempt's first log
@@ -85,6 +87,23 @@ class ProgressFollower:
                     setattr(s, key, rec[key])
             if isinstance(rec.get("loss"), (int, float)):
                 s.losses.append((s.step, float(rec["loss"])))
+        elif event == "notice":
+            text = str(rec.get("message") or "")
+            if text and text not in s.notices:
+                s.notices.append(text)
         elif event == "checkpoint":
+            if isinstance(rec.get("save_s"), (int, float)):
+                s.save_s.append(float(rec["save_s"]))
             s.last_checkpoint = rec.get("path")
             s.last_checkpoint_step = rec.get("step")
+
+
+def read_heartbeat(attempt_dir: Path) -> dict | None:
+    """Rank 0's latest liveness beat of an attempt (``heartbeat.json``; under SLURM in its node's folder)."""
+    rec = read_json(Path(attempt_dir) / HEARTBEAT_FILE)
+    if rec is None:
+        for path in sorted(Path(attempt_dir).glob(f"nodes/*/{HEARTBEAT_FILE}")):
+            rec = read_json(path)
+            if rec is not None:
+                break
+    return rec

@@ -4,6 +4,7 @@ and from that class to the job's next state. Nothing else interprets raw exit co
 """
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from signal import SIGTERM
 
@@ -23,6 +24,12 @@ USER_ERROR_TYPES = frozenset(
     }
 )
 _OOM_TYPES = frozenset({"OutOfMemoryError", "MemoryError"})
+ENOSPC = errno.ENOSPC
+# OS errors that say "the job is wrong" (a missing or forbidden file): never retried. Any other
+# errno during set-up (EIO, ESTALE, ETIMEDOUT, ...) is a flaky filesystem or network: retried.
+USER_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
+                         errno.EROFS, errno.ELOOP})
+_DISK_FULL_WORDS = ("no space left on device", "disk is full", "disk quota exceeded")
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class Outcome:
     error: dict | None = None              # the first error-rank<R>.json record
     stalled: bool = False                  # ended by the watchdog
     cancelled: bool = False                # ended on the user's request
+    disk_low: bool = False                 # the output folder had less free space than a checkpoint takes
 
 
 def classify(o: Outcome) -> Failure:
@@ -66,15 +74,28 @@ def classify(o: Outcome) -> Failure:
         # and a worker given SIGTERM from outside stops gracefully (exit 75) instead.
         return Failure.KILLED
     if o.error:
-        etype, msg = o.error.get("type", ""), str(o.error.get("message", "")).lower()
-        if etype in _OOM_TYPES or "out of memory" in msg:
-            return Failure.OOM
-        if "timeout" in etype.lower() or "timed out" in msg:
-            return Failure.COLLECTIVE_TIMEOUT
-        if o.error.get("phase") == "setup" and etype in USER_ERROR_TYPES:
-            return Failure.USER_ERROR
-        return Failure.CRASHED
+        return _classify_error(o.error, o.disk_low)
+    if o.disk_low and o.returncode not in (0, None):
+        return Failure.DISK_FULL   # not even the error record could be written
     return Failure.WORKER_LOST
+
+
+def _classify_error(error: dict, disk_low: bool) -> Failure:
+    """A rank's error record (the earliest one: the root cause) -> its failure class."""
+    etype, msg, code = error.get("type", ""), str(error.get("message", "")).lower(), error.get("errno")
+    if etype in _OOM_TYPES or "out of memory" in msg:
+        return Failure.OOM
+    # torch's writers say only "file write failed": a write error with the disk (nearly) full is that.
+    if code == ENOSPC or any(w in msg for w in _DISK_FULL_WORDS) or (disk_low and "write" in msg):
+        return Failure.DISK_FULL
+    if "timeout" in etype.lower() or "timed out" in msg:
+        return Failure.COLLECTIVE_TIMEOUT
+    if error.get("phase") == "setup":
+        if isinstance(code, int) and code not in USER_ERRNOS:
+            return Failure.CRASHED          # a transient filesystem error: retried
+        if etype in USER_ERROR_TYPES:
+            return Failure.USER_ERROR
+    return Failure.CRASHED
 
 
 def job_state_after(failure: Failure, will_retry: bool) -> JobState:

@@ -1,83 +1,166 @@
-"""Acting on existing jobs: run a supervisor for one, cancel one, take one over again."""
+"""Acting on jobs: take one (its lease), supervise it here, hand it to a background supervisor, cancel it.
+
+Every path to acting on a job goes through its lease (:mod:`orchestrator.store.lease`):
+``submit`` and ``resume`` take it atomically (two ``resume`` at once: exactly one wins,
+the other is told who supervises); ``--detach`` and a closed terminal hand it to a
+background supervisor with the holder's token; ``cancel`` asks the holder through a
+request file and acts itself only when nobody holds the lease.
+"""
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
-from ..backends import AttemptHandle, get_backend
-from ..backends.processes import job_processes, kill_job_processes, supervisor_alive
+from ..backends import get_backend
+from ..backends.processes import job_processes, kill_job_processes, pid_alive, spawn_supervisor
 from ..errors import JobError
 from ..states import Failure, JobState
+from ..store import requests
+from ..store.lease import Lease, LeaseBusy, read_lease
 from ..store.ledger import Job, Ledger
+from ..store.paths import orchestrate_home
+from .adopt import attempt_handle
 from .jobs import load_plan
 from .supervisor import Supervisor
 
+TAKEOVER_WAIT_S = 60.0
 
-def supervise(ledger: Ledger, job: Job, *, resume: bool = False, install_signals: bool = True,
-              on_event: Callable[[str], None] | None = None) -> JobState:
-    """Run the job's supervisor in this process until the job ends."""
-    plan = load_plan(job)
-    backend = get_backend(plan.backend)
-    sup = Supervisor(plan, ledger, backend, on_event=on_event)
-    if install_signals:
-        sup.install_signal_handlers()
-    if not resume:
-        return sup.run()
-    handle, fresh = _takeover(ledger, job, backend)
-    return sup.run(reattach=handle, fresh_budget=fresh)
+
+def take_job(job: Job, handoff_token: str | None = None) -> Lease:
+    """Take the job's lease and keep it alive from a thread; :class:`LeaseBusy` names the holder."""
+    return Lease.acquire(job.run_dir, handoff_token=handoff_token).keep_alive()
 
 
 def check_resumable(job: Job) -> None:
+    """``resume`` of a completed job is refused (its checkpoints stay where they are)."""
     if job.state is JobState.COMPLETED:
         raise JobError(f"{job.id} has already completed")
-    if supervisor_alive(job.supervisor_pid, job.heartbeat):
-        raise JobError(f"{job.id} is already supervised by pid {job.supervisor_pid}; nothing to do")
 
 
-def _takeover(ledger: Ledger, job: Job, backend) -> tuple[AttemptHandle | None, bool]:
-    """The open attempt to follow again (running or not), and whether the budget starts afresh."""
-    check_resumable(job)
-    last = job.attempts[-1] if job.attempts else None
-    if last is not None and last.ended is None:
-        # Follow the open attempt again: if it is still running we wait for it, if it
-        # ended meanwhile its exit record and status files say how (no second copy starts).
-        handle = AttemptHandle(job_id=job.id, attempt=last.n, pid=last.pid or 0,
-                               attempt_dir=str(load_plan(job).paths.attempt_dir(last.n)))
-        return handle, False
-    # A job that had ended (FAILED/CANCELLED) gets a fresh retry budget when resumed by hand.
-    return None, job.state.is_terminal
+def supervise(ledger: Ledger, job: Job, lease: Lease, *, resume: bool = False, foreground: bool = True,
+              install_signals: bool = True, on_event: Callable[[str], None] | None = None,
+              on_hangup: Callable[[], None] | None = None) -> JobState | None:
+    """Run the job's supervisor in this process while ``lease`` is held; ``None`` if it left the job to another."""
+    plan = load_plan(job)
+    home = orchestrate_home()
+
+    def hand_off(token: str) -> int:
+        return spawn_supervisor(job.id, home, Path(job.run_dir), resume=True, handoff_token=token)
+
+    sup = Supervisor(plan, ledger, get_backend(plan.backend), lease, on_event=on_event, hand_off=hand_off,
+                     process_alive=pid_alive)
+    if install_signals:
+        install_signal_handlers(sup, foreground=foreground, log=Path(job.run_dir) / "supervisor.log",
+                                on_hangup=on_hangup)
+    if not resume:
+        return sup.run()
+    # An explicit resume overrides a cancel asked for before it (never one asked for after).
+    requests.clear(job.run_dir, requests.CANCEL, older_than=lease.record.acquired)
+    return sup.run(adopt=True, fresh_budget=job.state.is_terminal)
 
 
-def cancel(ledger: Ledger, job: Job, timeout_s: float = 60.0) -> list[int]:
-    """End the job, its supervisor and every process of it; return PIDs left (none, normally)."""
-    if supervisor_alive(job.supervisor_pid, job.heartbeat):
-        try:
-            os.kill(job.supervisor_pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            job = ledger.get(job.id)
-            if job.state.is_terminal and not supervisor_alive(job.supervisor_pid, job.heartbeat):
-                break
-            time.sleep(0.2)
-    last = job.attempts[-1] if job.attempts else None
-    if last is not None and last.ended is None and job.backend != "local":
-        # No supervisor did it: end the scheduler's job too (scancel, and wait until it left the queue).
-        plan = load_plan(job)
-        handle = AttemptHandle(job_id=job.id, attempt=last.n, pid=last.pid or 0,
-                               attempt_dir=str(plan.paths.attempt_dir(last.n)))
-        left_remote = get_backend(job.backend).kill(handle, grace_s=10.0)
-        if left_remote:
-            return left_remote
-    left = kill_job_processes(job.id, last.pid if last and last.ended is None and job.backend == "local"
-                              else None, grace_s=10.0)
-    job = ledger.get(job.id)
-    if last is not None and last.ended is None:
-        ledger.update_attempt(job.id, last.n, ended=time.time(), failure=Failure.CANCELLED.value,
-                              gained_checkpoint=0)
+def install_signal_handlers(sup: Supervisor, *, foreground: bool, log: Path,
+                            on_hangup: Callable[[], None] | None = None) -> None:
+    """Ctrl-C cancels (saying so first). SIGHUP (a closed terminal) hands a foreground job to a background
+    supervisor and never cancels. SIGTERM cancels a foreground job; a background supervisor given SIGTERM
+    stops supervising and leaves the job running."""
+    def on_int(signum, frame):
+        print(f"\nCtrl-C: cancelling job {sup.plan.job_id} and every process of it ...", file=sys.stderr, flush=True)
+        sup.request_cancel("cancelled with Ctrl-C")
+
+    def on_term(signum, frame):
+        if foreground:
+            sup.request_cancel("cancelled: the supervisor got SIGTERM")
+        else:
+            sup.request_stop("the background supervisor got SIGTERM")
+
+    def on_hup(signum, frame):
+        # The terminal is gone: from now on any write to it fails. Send output to the job's log first.
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        if on_hangup is not None:
+            on_hangup()
+        sup.request_hand_off()
+
+    signal.signal(signal.SIGINT, on_int)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_hup if foreground else signal.SIG_IGN)
+
+
+def detach(job: Job, lease: Lease, *, resume: bool) -> int:
+    """Hand the job (and ``lease``) to a background supervisor; return its PID once it holds the job."""
+    pid = spawn_supervisor(job.id, orchestrate_home(), Path(job.run_dir), resume=resume, handoff_token=lease.token)
+    end = time.monotonic() + TAKEOVER_WAIT_S
+    while time.monotonic() < end:
+        if lease.superseded() is not None:
+            lease.stop()
+            return pid
+        if not pid_alive(pid):
+            break
+        time.sleep(0.05)
+    lease.release()
+    raise JobError(f"{job.id}: the background supervisor (pid {pid}) did not take the job over; see "
+                   f"{Path(job.run_dir) / 'supervisor.log'}")
+
+
+def cancel(ledger: Ledger, job: Job, timeout_s: float = 90.0) -> list[int]:
+    """End the job, its supervisor and every process of it; return PIDs left (none, normally).
+
+    A live supervisor is asked (a request file it acts on at its next poll); only when nobody
+    holds the job's lease does ``cancel`` take the lease and act itself.
+    """
     if not job.state.is_terminal:
-        ledger.update_job(job.id, state=JobState.CANCELLED, message="cancelled by the user", supervisor_pid=None)
-    return left or [p.pid for p in job_processes(job.id)]
+        requests.make_request(job.run_dir, requests.CANCEL)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        holder = read_lease(job.run_dir)
+        job = ledger.get(job.id)
+        if job.state.is_terminal and (holder is None or not holder.alive()):
+            break
+        if holder is None or not holder.alive():
+            try:
+                _cancel_here(ledger, job)
+                break
+            except LeaseBusy:
+                pass  # a supervisor started just now: it sees the request
+        if time.monotonic() > deadline:
+            raise JobError(f"{job.id}: its supervisor ({holder.describe()}) did not act on the cancel request "
+                           f"within {timeout_s:.0f} s; it is still {job.state.value}")
+        time.sleep(0.2)
+    if not job_processes(job.id):
+        return []
+    try:  # orphans of an ended job (nobody holds it): end them under the lease
+        lease = Lease.acquire(job.run_dir)
+    except LeaseBusy:
+        return [p.pid for p in job_processes(job.id)]
+    try:
+        return kill_job_processes(job.id, grace_s=10.0)
+    finally:
+        lease.release()
+
+
+def _cancel_here(ledger: Ledger, job: Job) -> None:
+    """Nobody supervises the job: take its lease, end its open attempts and processes, mark it CANCELLED."""
+    lease = Lease.acquire(job.run_dir)
+    try:
+        plan = load_plan(job)
+        backend = get_backend(plan.backend)
+        sup = Supervisor(plan, ledger, backend, lease)
+        for record in [a for a in job.attempts if a.is_open]:
+            handle = attempt_handle(sup, record)
+            if handle is not None:
+                sup.kill(handle, grace_s=10.0)
+            sup.write_attempt(record.n, ended=time.time(), failure=Failure.CANCELLED.value, gained_checkpoint=0)
+        lease.check()
+        kill_job_processes(job.id, grace_s=10.0)
+        if not ledger.get(job.id).state.is_terminal:
+            sup.write_job(state=JobState.CANCELLED, message="cancelled by the user", supervisor_pid=None)
+        requests.clear(job.run_dir, requests.CANCEL)
+    finally:
+        lease.release()

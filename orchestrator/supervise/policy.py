@@ -1,8 +1,8 @@
 """The retry policy: a pure decision from (failure, history, policy) to retry or stop.
 
 Defaults (``launch.retry``): transient failures retry with exponential backoff
-within one job-level budget (``max_restarts``); user errors never retry; OOM never
-retries unchanged; graceful stops (preemption) retry at once on a separate budget
+within one job-level budget (``max_restarts``); user errors never retry; OOM and a full disk
+never retry unchanged; graceful stops (preemption) retry at once on a separate budget
 (``max_preemptions``); and the job stops after ``max_no_progress`` consecutive
 attempts that produced no new verified checkpoint.
 """
@@ -45,6 +45,9 @@ def decide(failure: Failure, history: list[PastAttempt], policy: RetryPolicy) ->
                                     "not retried; fix the cause shown and submit again")
     if failure is Failure.OOM:
         return Decision(False, 0.0, OOM_ADVICE)
+    if failure is Failure.DISK_FULL:
+        return Decision(False, 0.0, "disk full: retrying would fail the same way; free space (or lower "
+                                    "save_total_limit), then resume")
     no_progress = 0
     for past in reversed(history):
         if past.gained_checkpoint:

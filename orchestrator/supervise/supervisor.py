@@ -3,11 +3,18 @@
 Start an attempt, follow it (exit status, progress file, watchdog, cancel
 requests), classify how it ended, ask the retry policy, and resume from the newest
 *verified* checkpoint. The same loop serves every backend.
+
+It acts only while it holds the job's lease (:mod:`orchestrator.store.lease`): every
+state write carries the lease generation (the ledger refuses older ones) and every
+signal is preceded by a check of the lease. A supervisor that lost the lease (a
+successor took the job over, or it could not renew in time) stops at once and leaves
+the job alone. Attempts are written ahead: recorded STARTING before the backend starts
+them, so that whoever adopts the job finds every attempt (:mod:`.adopt`).
 """
 from __future__ import annotations
 
 import os
-import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,105 +22,227 @@ from typing import Callable
 from ..backends.base import AttemptHandle, Backend
 from ..plan import LaunchPlan
 from ..states import Failure, JobState
-from ..store.ledger import Ledger
+from ..store import requests
+from ..store.lease import Lease, LeaseLost
+from ..store.ledger import RUNNING, FencedOut, Ledger
 from ..store.logs import earliest_error_record
-from ..store.progress import ProgressFollower
+from ..store.progress import ProgressFollower, read_heartbeat
 from ..worker import channel
 from ..worker.checkpoints import list_checkpoints, newest_complete
+from . import disk
 from .classify import Outcome, classify, job_state_after
 from .policy import PastAttempt, decide
-from .watchdog import StallClock
+from .watchdog import Watchdog
 
 POLL_S = 0.25
-HEARTBEAT_S = 2.0
+HANDOFF_WAIT_S = 60.0
 
 
 class Supervisor:
-    """Runs one job to a terminal state. ``clock``/``sleep`` are injectable for tests."""
+    """Runs one job to a terminal state while it holds ``lease``. ``clock``/``sleep`` are injectable for tests.
 
-    def __init__(self, plan: LaunchPlan, ledger: Ledger, backend: Backend, *,
+    ``hand_off``: starts a background supervisor that takes the lease with the given token and
+    returns its PID (what SIGHUP of a foreground ``submit`` does, see :meth:`request_hand_off`).
+    """
+
+    def __init__(self, plan: LaunchPlan, ledger: Ledger, backend: Backend, lease: Lease, *,
                  on_event: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
-        self.plan, self.ledger, self.backend = plan, ledger, backend
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 hand_off: Callable[[str], int] | None = None, process_alive: Callable[[int], bool] | None = None):
+        self.plan, self.ledger, self.backend, self.lease = plan, ledger, backend, lease
         self.on_event = on_event or (lambda msg: None)
         self.clock, self.sleep = clock, sleep
+        self.hand_off, self.process_alive = hand_off, process_alive
         self.cancel_requested = False
-        self._last_beat = 0.0
+        self.cancel_reason = "cancelled by the user"
+        self.hand_off_requested = False
+        self.stop_requested: str | None = None
+        self._current: AttemptHandle | None = None
 
-    # -- signals -------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT/SIGHUP to the supervisor mean: cancel the job."""
-        def handler(signum, frame):
-            self.cancel_requested = True
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, handler)
+    # -- requests from signals and from other processes ----------------------------------
+    def request_cancel(self, reason: str) -> None:
+        """Cancel the job at the next poll (a signal handler may call this)."""
+        self.cancel_reason, self.cancel_requested = reason, True
+
+    def request_hand_off(self) -> None:
+        """Hand the job to a background supervisor at the next poll, leaving the attempt running."""
+        self.hand_off_requested = True
+
+    def request_stop(self, reason: str) -> None:
+        """Stop supervising at the next poll and release the lease; the job keeps running."""
+        self.stop_requested = reason
+
+    def _poll_requests(self) -> None:
+        if self.stop_requested:
+            self.lease.release()
+            raise LeaseLost(f"{self.stop_requested}; the job keeps running (orchestrate resume "
+                            f"{self.plan.job_id} takes it over)")
+        if not self.cancel_requested and requests.pending(self.plan.run_dir, requests.CANCEL) is not None:
+            self.request_cancel("cancelled by the user (orchestrate cancel)")
+        if self.hand_off_requested and self.hand_off is not None:
+            self.hand_off_requested = False
+            self._hand_off()
+
+    # -- fenced writes and signals ----------------------------------------------------------
+    def write_job(self, **fields) -> None:
+        """A fenced write of job columns."""
+        self.lease.check()
+        self.ledger.update_job(self.plan.job_id, fence=self.lease.gen, **fields)
+
+    def write_attempt(self, n: int, **fields) -> None:
+        """A fenced write of attempt ``n``'s columns."""
+        self.lease.check()
+        self.ledger.update_attempt(self.plan.job_id, n, fence=self.lease.gen, **fields)
 
     def _event(self, msg: str) -> None:
-        self.ledger.update_job(self.plan.job_id, message=msg)
+        self.write_job(message=msg)
         self.on_event(msg)
 
-    # -- main loop -------------------------------------------------------------
-    def run(self, reattach: AttemptHandle | None = None, fresh_budget: bool = False) -> JobState:
-        """Supervise until the job is COMPLETED, FAILED or CANCELLED; return that state."""
+    def kill(self, handle: AttemptHandle, grace_s: float) -> None:
+        """End the attempt's processes (after checking the lease)."""
+        self.lease.check()
+        left = self.backend.kill(handle, grace_s=grace_s)
+        if left:
+            self._event(f"WARNING: processes still alive after kill: {left}")
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self, adopt: bool = False, fresh_budget: bool = False) -> JobState | None:
+        """Supervise until the job is COMPLETED, FAILED or CANCELLED; return that state.
+
+        ``adopt``: the job had a supervisor before; handle every attempt it left open first
+        (:func:`.adopt.adopt_open_attempts`) and follow the one still running, if any.
+        ``None``: this supervisor lost the lease (or handed the job over) and left the job alone.
+        """
+        try:
+            return self._run(adopt, fresh_budget)
+        except (LeaseLost, FencedOut) as exc:
+            self.on_event(f"this supervisor no longer holds the job ({exc}); leaving it alone")
+            return None
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not disk.is_disk_full(exc):
+                raise
+            return self._own_disk_full(exc)
+
+    def _own_disk_full(self, exc: BaseException) -> JobState | None:
+        """The supervisor's own write found the disk full: stop the job, say where and how full."""
+        where = getattr(exc, "filename", None) or str(self.ledger.path)
+        message = f"DISK_FULL (the supervisor's own write: {exc}); " + disk.disk_full_message(
+            self.plan.output_dir, where=str(Path(where).parent))
+        self.on_event(message)
+        try:
+            if self._current is not None:
+                self.kill(self._current, grace_s=10.0)
+            return self._finish(JobState.FAILED, message)
+        except (LeaseLost, FencedOut):
+            return None
+        except (OSError, sqlite3.OperationalError):
+            return JobState.FAILED  # nothing more can be written; status shows the supervisor gone
+
+    def _run(self, adopt: bool, fresh_budget: bool) -> JobState:
+        from .adopt import adopt_open_attempts
+
         job_id = self.plan.job_id
-        self.ledger.update_job(job_id, supervisor_pid=os.getpid(), heartbeat=time.time())
+        self.write_job(supervisor_pid=os.getpid())
+        reattach = adopt_open_attempts(self, self.ledger.get(job_id)) if adopt else None
         job = self.ledger.get(job_id)
         history = [] if fresh_budget else [
-            PastAttempt(Failure(a.failure), bool(a.gained_checkpoint))
-            for a in job.attempts if a.failure]
-        attempt = len(job.attempts) + (0 if reattach else 1)
+            PastAttempt(Failure(a.failure), bool(a.gained_checkpoint)) for a in job.attempts if a.failure]
+        attempt = max((a.n for a in job.attempts), default=0) + (0 if reattach else 1)
         while True:
+            self._poll_requests()
             if reattach is not None:
                 handle, start_step, before = reattach, self._attempt_start_step(attempt), self._verified_step()
-                self._event(f"reattached to attempt {attempt} (pid {handle.pid})")
+                self._event(f"following attempt {attempt} again (pid {handle.pid or handle.external_id})")
                 reattach = None
             else:
                 if self.cancel_requested:
-                    return self._finish(JobState.CANCELLED, "cancelled before the attempt started")
+                    return self._finish(JobState.CANCELLED, f"{self.cancel_reason} before the attempt started")
                 resume_from, stop_reason = self._resume_point()
                 if stop_reason:
                     return self._finish(JobState.FAILED, stop_reason)
                 before = self._verified_step()
                 start_step = before or 0
-                handle = self.backend.start(self.plan, attempt, resume_from)
-                self.ledger.start_attempt(job_id, attempt, pid=handle.pid, resumed_from=resume_from,
-                                          start_step=start_step)
-                self.ledger.update_job(job_id, state=JobState.RUNNING)
+                handle = self._start(attempt, resume_from, start_step)
                 self._event(f"attempt {attempt} started" + (f", resuming from {resume_from}" if resume_from else ""))
+            self._current = handle
             outcome, end_step = self._follow(handle, attempt)
+            self._current = None
             failure = classify(outcome)
             gained = (self._verified_step() or 0) > (before or 0)
             history.append(PastAttempt(failure, gained))
             decision = decide(failure, history, self.plan.retry)
             detail = _error_line(outcome)
-            self.ledger.update_attempt(
-                job_id, attempt, ended=time.time(), exit_code=outcome.returncode, failure=failure.value,
-                end_step=end_step, gained_checkpoint=int(gained), message=detail or None)
+            if failure is Failure.DISK_FULL:
+                detail = self._disk_full(detail)
+            self.write_attempt(attempt, ended=time.time(), exit_code=outcome.returncode, failure=failure.value,
+                                end_step=end_step, gained_checkpoint=int(gained), message=detail or None)
             state = job_state_after(failure, decision.retry)
             self._event(f"attempt {attempt} ended: {failure.value}" + (f" ({detail})" if detail else "")
                         + f"; {decision.reason}")
             if state.is_terminal:
-                return self._finish(state, decision.reason if state is not JobState.COMPLETED else "completed")
-            self.ledger.update_job(job_id, state=JobState.RESUMING)
+                message = decision.reason if state is not JobState.COMPLETED else "completed"
+                if state is JobState.CANCELLED:
+                    message = self.cancel_reason
+                elif failure is Failure.DISK_FULL:
+                    message = f"DISK_FULL: {detail}"
+                return self._finish(state, message)
+            self.write_job(state=JobState.RESUMING)
             self._wait(decision.wait_s)
             attempt += 1
 
+    def _start(self, attempt: int, resume_from: str | None, start_step: int) -> AttemptHandle:
+        """Write the attempt ahead (STARTING), start it, then record who runs it (RUNNING)."""
+        job_id = self.plan.job_id
+        self.lease.check()
+        self.ledger.start_attempt(job_id, attempt, resumed_from=resume_from, start_step=start_step,
+                                  fence=self.lease.gen)
+        handle = self.backend.start(self.plan, attempt, resume_from)
+        self.write_attempt(attempt, status=RUNNING, pid=handle.pid or None, pid_start=handle.pid_start,
+                            host=handle.host, external_id=handle.external_id)
+        self.write_job(state=JobState.RUNNING)
+        return handle
+
     def _finish(self, state: JobState, message: str) -> JobState:
-        self.ledger.update_job(self.plan.job_id, state=state, message=message, supervisor_pid=None)
+        self.write_job(state=state, message=message, supervisor_pid=None)
+        if state is JobState.CANCELLED:
+            requests.clear(self.plan.run_dir, requests.CANCEL)
         self.on_event(f"job {state.value}: {message}")
         return state
 
     def _wait(self, seconds: float) -> None:
         end = self.clock() + seconds
-        while not self.cancel_requested and self.clock() < end:
-            self._beat()
+        while self.clock() < end:
+            self._poll_requests()
+            if self.cancel_requested:
+                return
+            self.lease.check()
             self.sleep(min(POLL_S, max(0.0, end - self.clock())))
 
-    def _beat(self) -> None:
-        now = time.time()
-        if now - self._last_beat >= HEARTBEAT_S:
-            self.ledger.update_job(self.plan.job_id, heartbeat=now, supervisor_pid=os.getpid())
-            self._last_beat = now
+    def _hand_off(self) -> None:
+        """Start a background supervisor with this lease's token and wait until it holds the job.
+
+        Raises LeaseLost once it does (this supervisor then leaves, the attempt keeps running);
+        returns if it never took over (this supervisor carries on).
+        """
+        pid = self.hand_off(self.lease.token)
+        self._event(f"handing the job to a background supervisor (pid {pid}); the attempt keeps running")
+        end = self.clock() + HANDOFF_WAIT_S
+        while self.clock() < end:
+            newer = self.lease.superseded()
+            if newer is not None:
+                raise LeaseLost(f"handed over to {newer.describe()}")
+            if self.process_alive is not None and not self.process_alive(pid):
+                break
+            self.sleep(0.1)
+        self._event(f"the background supervisor (pid {pid}) did not take the job over; this one carries on "
+                    f"(see {Path(self.plan.run_dir) / 'supervisor.log'})")
+
+    def _disk_full(self, detail: str) -> str:
+        incomplete = [c.path for c in newest_complete(self.plan.output_dir)[1]]
+        moved = disk.move_aside(self.plan.output_dir, incomplete)
+        aside = f"; incomplete {', '.join(p.name for p in incomplete)} moved to {moved[0].parent}" if moved else ""
+        return f"{disk.disk_full_message(self.plan.output_dir)}{aside} ({detail})" if detail else \
+            disk.disk_full_message(self.plan.output_dir) + aside
 
     # -- checkpoints -------------------------------------------------------------
     def _verified_step(self) -> int | None:
@@ -123,8 +252,14 @@ class Supervisor:
     def _resume_point(self) -> tuple[str | None, str | None]:
         """``(checkpoint to resume from or None, reason to stop instead)``."""
         good, skipped = newest_complete(self.plan.output_dir)
-        for check in skipped:
-            self._event(f"skipping {check.path.name}: {check.reason}")
+        if good or (skipped and self.plan.retry.restart_from_scratch):
+            # A save cut short: out of the way, so that the next attempt writes into a clean folder.
+            moved = disk.move_aside(self.plan.output_dir, [c.path for c in skipped])
+            for check, where in zip(skipped, moved):
+                self._event(f"skipping {check.path.name}: {check.reason}; moved to {where}")
+        else:
+            for check in skipped:
+                self._event(f"skipping {check.path.name}: {check.reason}")
         if good:
             return str(good.path), None
         given = self.plan.worker_config.get("resume_from_checkpoint")
@@ -144,41 +279,45 @@ class Supervisor:
 
     # -- following one attempt ----------------------------------------------------
     def _follow(self, handle: AttemptHandle, attempt: int) -> tuple[Outcome, int]:
+        earlier = ProgressFollower(self.plan.paths.progress)
+        earlier.poll()   # how long the saves of earlier attempts took
+        watchdog = Watchdog(self.plan.watchdog, self.clock(), {"saving": list(earlier.state.save_s)})
         follower = ProgressFollower(self.plan.paths.progress, attempt)
-        wd = self.plan.watchdog
-        stall = StallClock(wd.stall_factor, wd.stall_floor_s, wd.startup_timeout_s, self.clock())
         stalled = cancelled = False
         last_step = None
         queued = getattr(self.backend, "queued", None)  # SLURM: time in the queue is not start-up time
         while True:
             rc = self.backend.poll(handle)
-            if queued is not None and rc is None and stall.last is None and queued(handle):
-                stall.started = self.clock()
+            if queued is not None and rc is None and watchdog.steps.last is None and queued(handle):
+                watchdog.queued(self.clock())
             for rec in follower.poll():
-                if rec.get("attempt") == attempt:
-                    stall.progressed(self.clock())
+                if rec.get("attempt") == attempt and rec.get("event") in ("log", "checkpoint", "start"):
+                    watchdog.progressed(self.clock())
+            watchdog.beat(read_heartbeat(Path(handle.attempt_dir)), self.clock())
             if follower.state.step != last_step:
                 last_step = follower.state.step
                 self._record_progress(follower)
             if rc is not None:
                 break
+            self._poll_requests()
             if self.cancel_requested:
                 cancelled = True
-                self._event(f"cancelling attempt {attempt}")
-                self._kill(handle, grace_s=10.0)
+                self._event(f"{self.cancel_reason}: ending attempt {attempt} and every process of it")
+                self.kill(handle, grace_s=10.0)
                 break
-            if stall.stalled(self.clock()):
+            why = watchdog.stalled(self.clock())
+            if why:
                 stalled = True
-                self._event(f"attempt {attempt}: no progress for {stall.limit_s():.0f} s; ending it (STALLED)")
-                self._kill(handle, grace_s=5.0)
+                self._event(f"attempt {attempt}: {why}; ending it (STALLED)")
+                self.kill(handle, grace_s=5.0)
                 break
-            self._beat()
+            self.lease.check()
             self.sleep(POLL_S)
         rc = self.backend.poll(handle) if rc is None else rc
         if not (stalled or cancelled):
             # Ranks outlive a dead torchrun agent (they run in sessions of their own) and
             # would keep writing checkpoints beside the next attempt: end whatever is left.
-            self._kill(handle, grace_s=3.0)
+            self.kill(handle, grace_s=3.0)
         follower.poll()
         self._record_progress(follower)
         return self._outcome(handle, rc, stalled, cancelled), follower.state.step
@@ -191,24 +330,22 @@ class Supervisor:
             fields["max_steps"] = st.max_steps
         if st.distributed_type:
             fields["distributed_type"] = st.distributed_type
-        self.ledger.update_job(self.plan.job_id, **fields)
-
-    def _kill(self, handle: AttemptHandle, grace_s: float) -> None:
-        left = self.backend.kill(handle, grace_s=grace_s)
-        if left:
-            self._event(f"WARNING: processes still alive after kill: {left}")
+        self.write_job(**fields)
 
     def _outcome(self, handle: AttemptHandle, rc: int | None, stalled: bool, cancelled: bool) -> Outcome:
-        adir = Path(handle.attempt_dir)
-        status = channel.read_json(adir / channel.STATUS_FILE) or {}
-        return Outcome(returncode=rc, agent=channel.read_json(adir / channel.AGENT_RECORD_FILE),
-                       worker_state=status.get("state"), error=_first_error_record(adir),
-                       stalled=stalled, cancelled=cancelled)
+        return attempt_outcome(Path(handle.attempt_dir), rc, stalled=stalled, cancelled=cancelled,
+                               output_dir=self.plan.output_dir)
 
 
-def _first_error_record(attempt_dir: Path) -> dict | None:
+def attempt_outcome(attempt_dir: Path, rc: int | None, *, stalled: bool = False, cancelled: bool = False,
+                    output_dir: str | None = None) -> Outcome:
+    """Everything the attempt directory says about how the attempt ended (and how full the disk is)."""
+    status = channel.read_json(attempt_dir / channel.STATUS_FILE) or {}
     found = earliest_error_record(attempt_dir)
-    return found[0] if found else None
+    low = bool(output_dir) and rc not in (0, None) and disk.disk_low(output_dir)
+    return Outcome(returncode=rc, agent=channel.read_json(attempt_dir / channel.AGENT_RECORD_FILE),
+                   worker_state=status.get("state"), error=found[0] if found else None,
+                   stalled=stalled, cancelled=cancelled, disk_low=low)
 
 
 def _error_line(o: Outcome) -> str:

@@ -29,6 +29,11 @@ AGENT_RECORD_FILE = "agent.json"
 # Signals (besides SIGTERM) on which the worker stops gracefully: launch.stop_signal.
 ENV_STOP_SIGNALS = "ORCHESTRATE_STOP_SIGNALS"
 
+# Rank 0's liveness beat in the attempt directory, every HEARTBEAT_S and at each phase change:
+# {"phase": one of PHASES, "since": epoch s the phase began, "time": epoch s of this beat, "step": int}.
+HEARTBEAT_FILE = "heartbeat.json"
+HEARTBEAT_S = 2.0
+PHASES = ("setup", "loading", "training", "saving", "evaluating")
 PROGRESS_FILE = "progress.jsonl"
 STATUS_FILE = "status.json"
 CHECKPOINT_MARKER = ".orchestrate-complete"

@@ -117,11 +117,23 @@ class StopFlag:
         return self
 
 
+def error_errno(exc: BaseException) -> int | None:
+    """The OS error number behind ``exc`` or an exception it was raised from (ENOSPC, EIO, ...)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(getattr(exc, "errno", None), int):
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def write_error(path: Path, exc: BaseException, rank: int, phase: str, step: int) -> None:
     """This rank's error record (atomic); never raises."""
     try:
         channel.write_json_atomic(path, {
             "rank": rank, "type": type(exc).__name__, "message": str(exc), "phase": phase, "step": step,
+            "errno": error_errno(exc),
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
             "time": time.time(),
         })

@@ -23,9 +23,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
+import time
 
 import torch
 import torch.nn.functional as F
+
+from . import channel
 
 NAME = "orchestrate_varlen"
 log = logging.getLogger(__name__)
@@ -138,10 +142,31 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         try:
             return _cuda_varlen_attention(query, key, value, cu, max_len, scaling), None
         except (RuntimeError, NotImplementedError, TypeError) as e:  # unsupported GPU/head dim/dtype
+            if is_oom(e):
+                raise  # an OOM is an OOM wherever it is raised: the slow path would only hide it
             _state["cuda_kernel_failed"] = True
-            log.warning("orchestrate_varlen: torch varlen_attn failed (%s: %s); using per-document SDPA",
-                        type(e).__name__, e)
+            fell_back(f"orchestrate_varlen: torch varlen_attn failed ({type(e).__name__}: {str(e)[:200]}); "
+                      "this job uses the slower per-document SDPA from now on")
     return _per_document_sdpa(query, key, value, cu, scaling, dropout), None
+
+
+def is_oom(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (a RuntimeError) or an allocator message saying so."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
+
+
+def fell_back(message: str) -> None:
+    """Say it loudly, once: in the log and as a notice record that ``orchestrate status`` shows."""
+    log.warning(message)
+    run_dir = os.environ.get(channel.ENV_RUN_DIR)
+    if run_dir:
+        try:
+            channel.append_jsonl(os.path.join(run_dir, channel.PROGRESS_FILE), {
+                "event": "notice", "attempt": int(os.environ.get(channel.ENV_ATTEMPT) or 1), "time": time.time(),
+                "rank": int(os.environ.get("RANK", "0")), "message": message})
+        except OSError:
+            pass
 
 
 def kernel_in_use(device: str | torch.device) -> str:

@@ -161,6 +161,17 @@ class SlurmBackend:
         info = self.queue.info(job, force=True) if job else None
         return bool(info and info.active)
 
+    def find(self, plan, attempt: int) -> AttemptHandle | None:
+        """The attempt's SLURM job, from the record written right after submission."""
+        adir = plan.paths.attempt_dir(attempt)
+        rec = channel.read_json(adir / slurm_plan.JOB_RECORD) or {}
+        if rec.get("job_id"):
+            return AttemptHandle(job_id=plan.job_id, attempt=attempt, pid=0, attempt_dir=str(adir),
+                                 external_id=str(rec["job_id"]))
+        agent = adir / channel.AGENT_RECORD_FILE
+        return AttemptHandle(job_id=plan.job_id, attempt=attempt, pid=0, attempt_dir=str(adir)) if agent.is_file() \
+            else None
+
     # -- helpers -------------------------------------------------------------------------
     def _slurm_job(self, handle: AttemptHandle) -> str | None:
         if handle.external_id:
