@@ -34,10 +34,14 @@ from orchestrator.worker import channel  # noqa: E402
 from orchestrator.worker.checkpoints import (  # noqa: E402
     checkpoint_step,
     latest_complete_checkpoint,
+    rotate_checkpoints,
     tokens_at_checkpoint,
     write_checkpoint_marker,
 )
+from orchestrator.worker.heartbeat import Heartbeat  # noqa: E402
+from orchestrator.worker.save_hooks import SaveHooks  # noqa: E402
 from orchestrator.worker.support import (  # noqa: E402
+    SaveFault,
     StopFlag,
     WorkerEnv,
     env_rank,
@@ -138,6 +142,8 @@ class OrchestrateCallback(TrainerCallback):
         self.stopped = False
         self.t_begin = time.time()
         self.tokens_begin = tokens_base
+        self.heartbeat: Heartbeat | None = None  # rank 0's phase and liveness beat
+        self.hooks: SaveHooks | None = None      # the save path: timing, safe rotation, test faults
 
     def _record(self, event: str, state, **fields) -> None:
         if self.rank == 0:
@@ -151,6 +157,7 @@ class OrchestrateCallback(TrainerCallback):
         # The model is wrapped (accelerator.prepare) before on_train_begin, so this is what really runs.
         self.info = distributed_info(self.trainer)
         self.t_begin, self.tokens_begin = time.time(), self._tokens()
+        self.heartbeat.phase("training", state.global_step)
         self._record("start", state, max_steps=state.max_steps, num_train_epochs=state.num_train_epochs,
                      resumed_from=self.resumed_from, world_size=self.info["world_size"],
                      distributed_type=self.info["distributed_type"], fsdp_version=self.info["fsdp_version"],
@@ -161,6 +168,7 @@ class OrchestrateCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.optimizer_steps += 1
+        self.heartbeat.step = state.global_step
         if agree_any(bool(STOP), self.trainer.accelerator.device):
             self.stopped = True
             control.should_save = True
@@ -181,9 +189,16 @@ class OrchestrateCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         barrier()  # every rank has finished writing its part
+        self.hooks.point("marker")
         if self.rank == 0:
             write_checkpoint_marker(path, state.global_step, tokens=self._tokens(), attempt=self.wenv.attempt)
-            self._record("checkpoint", state, path=str(path.absolute()))
+            # save_total_limit only now that the new checkpoint is complete (see worker/save_hooks.py)
+            best = (state.best_model_checkpoint,) if state.best_model_checkpoint else ()
+            rotate_checkpoints(args.output_dir, args.save_total_limit, keep=best,
+                               before_delete=lambda _: self.hooks.point("rotate"))
+            self._record("checkpoint", state, path=str(path.absolute()), save_s=self.hooks.finished())
+        else:
+            self.hooks.finished()
 
 
 def _given(argv: list[str], key: str) -> bool:
@@ -345,6 +360,7 @@ def run(argv: list[str], att: WorkerRun) -> int:
     att.fast_exit = not training_args.report_to  # no reporting integration that needs atexit hooks
     att.wenv = wenv = WorkerEnv.from_environ(training_args.output_dir)
     fault = parse_fault(os.environ.get(channel.ENV_FAULT), wenv.attempt)
+    heartbeat = Heartbeat(wenv.attempt_dir, env_rank() == 0).start()
     if STOP:  # signalled during start-up: nothing to save
         att.write_status(channel.WORKER_STOPPED, signal=STOP.signal or "another rank")
         return channel.EXIT_STOPPED
@@ -356,6 +372,7 @@ def run(argv: list[str], att: WorkerRun) -> int:
         check_cpu_fsdp_args(training_args.fsdp_plugin_args)
         enable_fsdp_on_cpu()
 
+    heartbeat.phase("loading")
     tokenizer = AutoTokenizer.from_pretrained(script_args.model_id)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -371,6 +388,9 @@ def run(argv: list[str], att: WorkerRun) -> int:
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[cb])
     att.trainer = cb.trainer = trainer
+    cb.heartbeat = heartbeat
+    cb.hooks = SaveHooks(trainer, heartbeat, SaveFault.parse(os.environ.get(channel.ENV_SAVE_FAULT), wenv.attempt),
+                         env_rank()).install()
     trainer._total_train_tokens = tokens_base  # TRL's count restarts at 0 on resume; keep it job-wide
     if resume:
         print(f"[orchestrate] resuming from {resume} ({why})", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ import pytest
 from helpers import make_checkpoint, safetensors_bytes
 
 from orchestrator.worker import channel
-from orchestrator.worker.checkpoints import list_checkpoints, newest_complete, verify_checkpoint
+from orchestrator.worker.checkpoints import list_checkpoints, newest_complete, rotate_checkpoints, verify_checkpoint
 
 
 def test_complete_checkpoint_is_ok(tmp_path):
@@ -114,3 +114,52 @@ def test_newest_complete_with_nothing_usable(tmp_path):
     good, skipped = newest_complete(tmp_path)
     assert good is None and [c.step for c in skipped] == [10]
     assert newest_complete(tmp_path / "nothing") == (None, [])
+
+
+# ---- rotation after the marker (issue 10: never fewer than one complete checkpoint) ------------
+
+def _steps(out):
+    return [step for step, _ in list_checkpoints(out)]
+
+
+def test_rotation_keeps_the_newest_complete_ones_and_deletes_older(tmp_path):
+    for step in (2, 4, 6):
+        make_checkpoint(tmp_path, step)
+    deleted = rotate_checkpoints(tmp_path, 1)
+    assert _steps(tmp_path) == [6] and [p.name for p in deleted] == ["checkpoint-4", "checkpoint-2"]
+
+
+def test_an_incomplete_newest_checkpoint_never_costs_the_last_complete_one(tmp_path):
+    make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 4, marker=False)          # a save cut short
+    assert rotate_checkpoints(tmp_path, 1) == []
+    assert _steps(tmp_path) == [4, 2] and newest_complete(tmp_path)[0].step == 2
+
+
+def test_old_incomplete_folders_go_and_the_best_checkpoint_stays(tmp_path):
+    make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 4, marker=False)
+    make_checkpoint(tmp_path, 6)
+    make_checkpoint(tmp_path, 8)
+    rotate_checkpoints(tmp_path, 1, keep=(str(tmp_path / "checkpoint-2"),))
+    assert _steps(tmp_path) == [8, 2]
+
+
+def test_a_deletion_cut_short_leaves_an_incomplete_folder_not_a_damaged_complete_one(tmp_path):
+    make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 4)
+
+    def die_after_the_marker_goes(path):
+        (path / channel.CHECKPOINT_MARKER).unlink()
+        raise KeyboardInterrupt   # killed mid-rotation
+
+    with pytest.raises(KeyboardInterrupt):
+        rotate_checkpoints(tmp_path, 1, before_delete=die_after_the_marker_goes)
+    good, skipped = newest_complete(tmp_path)
+    assert good.step == 4 and not verify_checkpoint(tmp_path / "checkpoint-2", 2).ok
+
+
+def test_no_limit_rotates_nothing(tmp_path):
+    make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 4)
+    assert rotate_checkpoints(tmp_path, None) == [] and _steps(tmp_path) == [4, 2]

@@ -10,8 +10,18 @@ import sys
 import threading
 
 import pytest
-from orch_helpers import (REPO, Tmux, env_for, job_processes, orch, progress, single_job_id, status, wait_for,
-                          write_config)
+from orch_helpers import (
+    REPO,
+    Tmux,
+    env_for,
+    job_processes,
+    orch,
+    progress,
+    single_job_id,
+    status,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -295,3 +295,17 @@ def test_row_without_messages_is_a_setup_user_error(demo_assets, tmp_path):
     assert err["phase"] == "setup" and err["type"] == "ValueError" and err["rank"] == 0
     assert str(data / TRAIN_FILE) in err["message"] and "line 4: no 'messages'" in err["message"]
     assert channel.read_json(attempt_dir / channel.STATUS_FILE)["state"] == "failed"
+
+
+def test_save_fault_spec():
+    assert ws.SaveFault.parse(None, 1) is None
+    f = ws.SaveFault.parse("kill:1:8:rotate", 1)
+    assert (f.kind, f.rank, f.step, f.point) == ("kill", 1, 8, "rotate")
+    assert ws.SaveFault.parse("kill:1:8:rotate", 2) is None
+    assert ws.SaveFault.parse("sleep:0:4:model:30:always", 3).seconds == 30.0
+    with pytest.raises(ValueError, match="POINT one of"):
+        ws.SaveFault.parse("kill:0:4:somewhere", 1)
+    with pytest.raises(OSError) as e:
+        ws.SaveFault.parse("enospc:0:4:optimizer", 1).fire(0, 4, "optimizer")
+    assert e.value.errno == 28
+    ws.SaveFault.parse("enospc:0:4:optimizer", 1).fire(1, 4, "optimizer")   # another rank: nothing

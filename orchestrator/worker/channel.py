@@ -49,6 +49,8 @@ EXIT_STOPPED = 75
 RESUME_NONE = "none"
 # Test-only fault injection in the worker: "hang|crash|exit:RANK:STEP[:always]".
 ENV_FAULT = "ORCHESTRATE_FAULT"
+# Test-only faults inside the save path: see support.SaveFault.
+ENV_SAVE_FAULT = "ORCHESTRATE_SAVE_FAULT"
 # Per-rank error record in the attempt directory: error-rank<R>.json.
 ERROR_FILE_PREFIX = "error-rank"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,3 +160,36 @@ def tokens_at_checkpoint(path: str | os.PathLike | None) -> int:
         if isinstance(entry.get("num_tokens"), (int, float)):
             return int(entry["num_tokens"])
     return 0
+
+
+# ---- rotation (save_total_limit), only once the new checkpoint is complete ---------------------
+
+def rotate_checkpoints(output_dir: str | os.PathLike, limit: int | None, keep: tuple[str, ...] = (),
+                       before_delete=None) -> list[Path]:
+    """Delete what ``save_total_limit`` no longer keeps, never leaving fewer complete checkpoints than ``limit``.
+
+    transformers deletes old checkpoints *before* the new one is known to be complete (its
+    rotation runs inside the save, our marker comes after), so a kill in between could leave
+    nothing to resume from; the worker turns that rotation off and calls this after writing the
+    marker. Kept: the newest ``limit`` complete checkpoints and ``keep`` (the best model's
+    folder). Deleted: older complete ones, and incomplete ones older than the newest complete.
+    A complete checkpoint loses its marker first, so a deletion cut short leaves an incomplete
+    folder, never a damaged "complete" one. Returns the deleted folders.
+    """
+    if not limit or limit < 1:
+        return []
+    complete, doomed = [], []
+    for step, path in list_checkpoints(output_dir):
+        ok = verify_checkpoint(path, step).ok
+        if ok and len(complete) < limit:
+            complete.append(path)
+        elif complete and str(path) not in keep and str(path.absolute()) not in keep:
+            doomed.append(path)   # older than a complete one that is kept
+    deleted = []
+    for path in doomed:
+        if before_delete is not None:
+            before_delete(path)
+        (path / CHECKPOINT_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+        deleted.append(path)
+    return deleted

@@ -9,6 +9,7 @@ and the orchestrator can use them cheaply.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -170,3 +171,52 @@ def maybe_inject_fault(fault: tuple[str, int, int] | None, rank: int, step: int)
     if kind == "crash":
         raise RuntimeError(f"injected fault ({channel.ENV_FAULT}): crash on rank {rank} at step {step}")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- test-only faults inside the save path -------------------------------------------------
+
+SAVE_POINTS = ("start", "model", "optimizer", "rng", "marker", "rotate")
+
+
+@dataclass(frozen=True)
+class SaveFault:
+    """``$ORCHESTRATE_SAVE_FAULT``: ``KIND:RANK:STEP:POINT[:SECONDS][:always]``.
+
+    KIND ``kill`` (SIGKILL), ``sleep`` (a slow save: SECONDS) or ``enospc`` (the disk is full)
+    at POINT of the save of ``checkpoint-STEP`` on RANK: ``start`` (nothing written yet),
+    ``model`` (weights written), ``optimizer`` (optimizer and scheduler written), ``rng``
+    (everything but trainer_state.json), ``marker`` (all written, every rank done, no marker yet),
+    ``rotate`` (marker written, older checkpoints being deleted). First attempt only unless ``always``.
+    """
+
+    kind: str
+    rank: int
+    step: int
+    point: str
+    seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str | None, attempt: int) -> "SaveFault | None":
+        if not spec:
+            return None
+        parts = spec.strip().split(":")
+        always = parts[-1] == "always"
+        parts = parts[:-1] if always else parts
+        ok = len(parts) in (4, 5) and parts[0] in ("kill", "sleep", "enospc") and parts[3] in SAVE_POINTS
+        if not ok or not parts[1].isdigit() or not parts[2].isdigit():
+            raise ValueError(f"ORCHESTRATE_SAVE_FAULT={spec!r}: expected kill|sleep|enospc:RANK:STEP:POINT"
+                             f"[:SECONDS][:always], POINT one of {SAVE_POINTS}")
+        if attempt > 1 and not always:
+            return None
+        return cls(parts[0], int(parts[1]), int(parts[2]), parts[3], float(parts[4]) if len(parts) == 5 else 0.0)
+
+    def fire(self, rank: int, step: int, point: str) -> None:
+        """Act if this is the rank, the checkpoint and the point (a no-op everywhere else)."""
+        if (rank, step, point) != (self.rank, self.step, self.point):
+            return
+        if self.kind == "sleep":
+            time.sleep(self.seconds)
+        elif self.kind == "enospc":
+            raise OSError(errno.ENOSPC, f"No space left on device (injected at the {point} point of a save)")
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
