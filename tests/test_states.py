@@ -54,6 +54,9 @@ CASES = {
     "torch's 'file write failed' with the disk nearly full": (Outcome(1, agent=agent(1), error=error(
         "RuntimeError", "PytorchStreamWriter failed writing file data/3: file write failed"), disk_low=True),
         Failure.DISK_FULL),
+    "torch's 'unexpected pos' with the disk nearly full": (Outcome(1, agent=agent(1), error=error(
+        "RuntimeError", "[enforce fail at inline_container.cc:672] . unexpected pos 336512 vs 336404"),
+        disk_low=True), Failure.DISK_FULL),
     "'file write failed' with room on the disk": (Outcome(1, agent=agent(1), error=error(
         "RuntimeError", "PytorchStreamWriter failed writing file data/3: file write failed")), Failure.CRASHED),
     "no record at all and the disk full": (Outcome(1, agent=agent(1), disk_low=True), Failure.DISK_FULL),

@@ -33,6 +33,7 @@ class Script:
     steps: list[int] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
     unmarked_checkpoints: list[int] = field(default_factory=list)
+    corrupt: list[int] = field(default_factory=list)     # checkpoints whose marker this attempt loses
     worker_state: str | None = None          # status.json state
     error: dict | None = None                # error-rank0.json
     failures: dict | None = None             # agent.json failures
@@ -62,6 +63,8 @@ class ScriptedBackend:
             make_checkpoint(Path(plan.output_dir), step)
         for step in s.unmarked_checkpoints:
             make_checkpoint(Path(plan.output_dir), step, marker=False)
+        for step in s.corrupt:
+            (Path(plan.output_dir) / f"checkpoint-{step}" / channel.CHECKPOINT_MARKER).unlink()
         if s.worker_state:
             channel.write_json_atomic(adir / channel.STATUS_FILE, {"state": s.worker_state})
         if s.error:
@@ -161,10 +164,20 @@ def test_oom_is_not_retried_and_says_what_to_change(tmp_path):
 
 def test_checkpoints_exist_but_none_is_complete_stops_instead_of_starting_over(tmp_path):
     state, job, backend, _, _ = _run(tmp_path, [
-        Script(steps=[1, 2, 3, 4, 5], unmarked_checkpoints=[5], failures=KILLED),
+        Script(steps=[1, 2, 3], checkpoints=[3], failures=KILLED),
+        Script(steps=[4, 5], corrupt=[3], unmarked_checkpoints=[5], failures=KILLED),   # the resume point is lost
     ])
     assert state is JobState.FAILED
-    assert "none is complete" in job.message and len(backend.started) == 1
+    assert "none is complete" in job.message and len(backend.started) == 2
+
+
+def test_a_first_save_cut_short_starts_over_since_no_verified_work_is_lost(tmp_path):
+    state, job, backend, _, events = _run(tmp_path, [
+        Script(steps=[1, 2, 3, 4, 5], unmarked_checkpoints=[5], failures=KILLED),
+        Script(steps=list(range(1, 11)), checkpoints=[10], worker_state="completed", returncode=0),
+    ])
+    assert state is JobState.COMPLETED and backend.started[1] == (2, None)
+    assert any("skipping checkpoint-5" in e and "moved to" in e for e in events)
 
 
 def test_incomplete_newest_checkpoint_is_skipped_for_the_previous(tmp_path):

@@ -29,6 +29,7 @@ ENOSPC = errno.ENOSPC
 # errno during set-up (EIO, ESTALE, ETIMEDOUT, ...) is a flaky filesystem or network: retried.
 USER_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
                          errno.EROFS, errno.ELOOP})
+_IO_TYPES = frozenset({"OSError", "IOError", "RuntimeError", "SafetensorError"})
 _DISK_FULL_WORDS = ("no space left on device", "disk is full", "disk quota exceeded")
 
 
@@ -85,8 +86,10 @@ def _classify_error(error: dict, disk_low: bool) -> Failure:
     etype, msg, code = error.get("type", ""), str(error.get("message", "")).lower(), error.get("errno")
     if etype in _OOM_TYPES or "out of memory" in msg:
         return Failure.OOM
-    # torch's writers say only "file write failed": a write error with the disk (nearly) full is that.
-    if code == ENOSPC or any(w in msg for w in _DISK_FULL_WORDS) or (disk_low and "write" in msg):
+    # torch's writers do not say why ("file write failed", "unexpected pos 336512 vs 336404"): an I/O-ish
+    # error with the disk (nearly) full is that.
+    io_error = etype in _IO_TYPES or "write" in msg
+    if code == ENOSPC or any(w in msg for w in _DISK_FULL_WORDS) or (disk_low and io_error):
         return Failure.DISK_FULL
     if "timeout" in etype.lower() or "timed out" in msg:
         return Failure.COLLECTIVE_TIMEOUT

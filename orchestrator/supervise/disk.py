@@ -17,7 +17,7 @@ from pathlib import Path
 from ..worker.checkpoints import list_checkpoints
 
 ASIDE_DIR = ".incomplete"
-MIN_FREE = 64 * 2**20   # below this nothing sensible can be written, whatever the checkpoint size
+MIN_FREE = 2**20   # below this nothing sensible can be written, whatever the checkpoint size
 
 
 def free_bytes(folder: str | os.PathLike) -> int | None:
@@ -44,9 +44,9 @@ def folder_bytes(folder: Path) -> int:
 
 
 def checkpoint_bytes(output_dir: str | os.PathLike) -> int | None:
-    """What one checkpoint takes: the newest checkpoint folder's size (``None``: none yet)."""
-    ckpts = list_checkpoints(output_dir)
-    return folder_bytes(ckpts[0][1]) if ckpts else None
+    """What one checkpoint takes: the largest checkpoint folder (a save cut short is smaller; ``None``: none)."""
+    sizes = [folder_bytes(path) for _, path in list_checkpoints(output_dir)[:3]]
+    return max(sizes) if sizes else None
 
 
 def disk_low(output_dir: str | os.PathLike) -> bool:

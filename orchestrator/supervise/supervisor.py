@@ -252,7 +252,12 @@ class Supervisor:
     def _resume_point(self) -> tuple[str | None, str | None]:
         """``(checkpoint to resume from or None, reason to stop instead)``."""
         good, skipped = newest_complete(self.plan.output_dir)
-        if good or (skipped and self.plan.retry.restart_from_scratch):
+        # Every attempt so far started from scratch: the checkpoints are their saves cut short, so
+        # starting from scratch again loses no verified work (it is not the silent restart refused below).
+        attempts = self.ledger.get(self.plan.job_id).attempts
+        own_only = bool(attempts) and all(a.resumed_from is None for a in attempts)
+        scratch_ok = self.plan.retry.restart_from_scratch or own_only
+        if good or (skipped and scratch_ok):
             # A save cut short: out of the way, so that the next attempt writes into a clean folder.
             moved = disk.move_aside(self.plan.output_dir, [c.path for c in skipped])
             for check, where in zip(skipped, moved):
@@ -265,7 +270,7 @@ class Supervisor:
         given = self.plan.worker_config.get("resume_from_checkpoint")
         if isinstance(given, str) and given.lower() not in ("", "true", "false", "none"):
             return given, None  # the user's own starting point (e.g. a checkpoint of a manual run)
-        if list_checkpoints(self.plan.output_dir) and not self.plan.retry.restart_from_scratch:
+        if list_checkpoints(self.plan.output_dir) and not scratch_ok:
             return None, (f"checkpoints exist in {self.plan.output_dir} but none is complete; not starting "
                           "over silently (set launch.retry.restart_from_scratch: true to allow it)")
         return None, None
