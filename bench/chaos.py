@@ -410,6 +410,7 @@ def campaign(n: int, seed: int, kinds: tuple[str, ...] = KINDS, root: Path | Non
     """Run ``n`` scenarios (kinds drawn with ``seed``); return their results."""
     own_root = root is None
     root = Path(root or tempfile.mkdtemp(prefix="orchestrate-chaos-"))
+    root.mkdir(parents=True, exist_ok=True)
     if assets is None:
         from orchestrator.demo import prepare_demo
 
