@@ -227,8 +227,9 @@ class Scenario:
     def prepare(self) -> tuple[str, Path, dict]:
         overrides, env = {}, {}
         if self.kind == "kill_rank_save":
-            step = self.rng.choice([4, 8, 12, 16])
             point = self.rng.choice(SAVE_POINTS)
+            # rotation deletes something only once save_total_limit (2) checkpoints exist
+            step = self.rng.choice([12, 16] if point == "rotate" else [4, 8, 12, 16])
             rank = 0 if point in ("marker", "rotate") else self.rng.choice([0, 1])
             env["ORCHESTRATE_SAVE_FAULT"] = f"kill:{rank}:{step}:{point}"
             self.result.note = f"kill rank {rank} at '{point}' of the save of checkpoint-{step}"

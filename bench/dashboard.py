@@ -19,7 +19,6 @@ import json
 import os
 import pty
 import random
-import sqlite3
 import statistics
 import struct
 import subprocess
@@ -33,8 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from orchestrator.states import JobState  # noqa: E402
+from orchestrator.store import jobfiles  # noqa: E402
 from orchestrator.store.ledger import Ledger  # noqa: E402
-from orchestrator.store.paths import ledger_path  # noqa: E402
+from orchestrator.store.records import AttemptRecord, Job  # noqa: E402
 
 STATES = ["COMPLETED"] * 85 + ["FAILED"] * 8 + ["CANCELLED"] * 5 + ["RUNNING"] * 2
 
@@ -65,9 +66,7 @@ def _progress_lines(records: int, attempt: int, t0: float, max_steps: int, start
 def make_home(root: Path, n_jobs: int, big_jobs: int = 5, big_records: int = 100_000, running: int = 0) -> Path:
     """An ``ORCHESTRATE_HOME`` with ``n_jobs`` jobs, their plans, progress files and error records."""
     random.seed(5)
-    Ledger(ledger_path(root)).jobs()   # creates the schema
     now = time.time()
-    jobs, attempts = [], []
     for i in range(n_jobs):
         job_id = f"bench-{i:04d}-{i * 7919 % 0xffffff:06x}"
         run_dir = root / "runs" / job_id
@@ -84,16 +83,15 @@ def make_home(root: Path, n_jobs: int, big_jobs: int = 5, big_records: int = 100
                 {"rank": 3, "type": "RuntimeError", "message": "boom", "phase": "train", "step": records,
                  "time": created + records, "traceback": "Traceback (most recent call last):\nRuntimeError: boom\n"}))
         running = state == "RUNNING"
-        jobs.append((job_id, "bench", "local", state, created, created + records + 5, str(run_dir), "/c.yaml",
-                     str(run_dir / "output"), records, max_steps, "FSDP", None, None,
-                     None if running else f"job {state}"))
-        attempts.append((job_id, 1, created + 1, None if running else created + records + 5, None,
-                         None if running else (0 if state == "COMPLETED" else 1),
-                         None if running else {"FAILED": "CRASHED"}.get(state, state), None, 0,
-                         None if running else records, None if running else 1, None))
-    with sqlite3.connect(ledger_path(root)) as c:
-        c.executemany("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", jobs)
-        c.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
+        attempt = AttemptRecord(job_id, 1, created + 1, None if running else created + records + 5,
+                                exit_code=None if running else (0 if state == "COMPLETED" else 1),
+                                failure=None if running else {"FAILED": "CRASHED"}.get(state, state), start_step=0,
+                                end_step=None if running else records, gained_checkpoint=None if running else 1,
+                                status="RUNNING" if running else "ENDED")
+        jobfiles.create_job(Job(job_id, "bench", "local", JobState(state), created, created + records + 5,
+                                str(run_dir), "/c.yaml", str(run_dir / "output"), records, max_steps, "FSDP",
+                                message=None if running else f"job {state}"))
+        jobfiles.write_attempt(run_dir, attempt)
     return root
 
 
@@ -164,7 +162,7 @@ class FakeRunningJob(threading.Thread):
 
     def run(self) -> None:
         """Write until ``stop`` is set."""
-        ledger = Ledger(ledger_path(self.home))
+        ledger = Ledger.for_home(self.home)
         step = ledger.get(self.job_id).step
         while not self.stop.wait(self.period):
             step += 1
@@ -243,7 +241,7 @@ def main() -> None:
         subprocess.run(_cli("--help"), env=_env(big), cwd=REPO, capture_output=True)
         print(f"  (for scale: orchestrate --help takes {time.perf_counter() - t:.3f} s)")
         small = make_home(Path(tmp) / "small", 4, big_jobs=0, running=1)
-        running = [j.id for j in Ledger(ledger_path(small)).jobs() if j.state.value == "RUNNING"]
+        running = [j.id for j in Ledger.for_home(small).jobs() if j.state.value == "RUNNING"]
         print(f"3. CPU of following a running job ({args.follow_s:.0f} s each, pseudo-terminal 200x50, 1 frame/s)")
         writer = FakeRunningJob(small, running[0])
         writer.start()

@@ -10,14 +10,14 @@
 #   bash scripts/slurm-lab.sh stop      # ends exactly the PIDs `start` recorded (never by name)
 #   export SLURM_CONF=/tmp/slurm-lab/cluster/etc/slurm.conf   # printed by `start`
 #
-# Environment: LAB (state dir, default /tmp/slurm-lab/cluster), NODES (default 2),
+# Environment: LAB (state dir, default /tmp/slurm-lab/cluster), NODES (default 3: a 2-node job can lose one and go on),
 # CPUS_PER_NODE (default 2; may exceed the real cores), MEM_PER_NODE (MB, default 4000),
 # WITH_DBD (1: sacct via slurmdbd + MariaDB, the default; 0: no accounting), ports below.
 # Facts behind the settings: ../../shared/notes/slurm.md (tested on Debian 12, Slurm 22.05.8).
 set -euo pipefail
 LAB=${LAB:-/tmp/slurm-lab/cluster}
 WITH_DBD=${WITH_DBD:-1}
-NODES=${NODES:-2}
+NODES=${NODES:-3}
 CPUS_PER_NODE=${CPUS_PER_NODE:-2}
 MEM_PER_NODE=${MEM_PER_NODE:-4000}
 CLUSTER=${CLUSTER:-lab}

@@ -23,23 +23,25 @@ def clock(monkeypatch):
 
 @pytest.fixture
 def ledger(tmp_path, clock) -> Ledger:
-    return Ledger(tmp_path / "home" / "ledger.db")
+    return Ledger.for_home(tmp_path / "home")
 
 
 def add(ledger: Ledger, job_id: str, **kw) -> None:
-    args = dict(name=job_id.split("-")[0], backend="local", run_dir=f"/runs/{job_id}", config_path="/c.yaml",
-                output_dir=f"/runs/{job_id}/output", max_steps=40)
+    args = dict(name=job_id.split("-")[0], backend="local", run_dir=str(ledger.runs / job_id),
+                config_path="/c.yaml", output_dir=f"/runs/{job_id}/output", max_steps=40)
     ledger.create_job(job_id=job_id, **{**args, **kw})
 
 
 def test_create_and_get(ledger):
-    assert not ledger.path.exists()
     add(ledger, "demo-0101-aaaaaa")
-    assert ledger.path.is_file()  # created on first use, parent folder included
+    assert (ledger.runs / "demo-0101-aaaaaa" / "ledger" / "job.json").is_file()   # the truth: a file
+    assert not ledger.path.exists()            # the index is made when something is listed
+    ledger.jobs()
+    assert ledger.path.is_file()
     job = ledger.get("demo-0101-aaaaaa")
     assert job.state is JobState.PENDING
     assert (job.name, job.backend, job.run_dir, job.output_dir) == (
-        "demo", "local", "/runs/demo-0101-aaaaaa", "/runs/demo-0101-aaaaaa/output")
+        "demo", "local", str(ledger.runs / "demo-0101-aaaaaa"), "/runs/demo-0101-aaaaaa/output")
     assert (job.step, job.max_steps, job.attempts) == (0, 40, [])
     assert job.created == job.updated
 
@@ -50,7 +52,7 @@ def test_get_unknown_job_is_none(ledger):
 
 def test_duplicate_job_id_is_refused(ledger):
     add(ledger, "a-1")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(FileExistsError):
         add(ledger, "a-1")
 
 
@@ -131,7 +133,7 @@ def test_to_json(ledger):
     ledger.start_attempt("a-1", 2, pid=101, resumed_from="/o/checkpoint-20", start_step=20)
     data = json.loads(dumps(ledger.get("a-1")))
     assert (data["id"], data["state"], data["step"], data["max_steps"], data["run_dir"]) == (
-        "a-1", "RESUMING", 20, 40, "/runs/a-1")
+        "a-1", "RESUMING", 20, 40, str(ledger.runs / "a-1"))
     first, second = data["attempts"]
     assert (first["exit_code"], first["failure"], first["resumed_from"], first["steps_gained"]) == (
         1, "CRASHED", None, 20)
@@ -146,14 +148,57 @@ def test_jobs_using_output_dir(ledger):
     assert ledger.jobs_using_output_dir("/elsewhere") == []
 
 
-def test_wal_mode(ledger):
+def test_the_index_is_rebuilt_from_the_files_and_another_hosts_index_sees_the_same_jobs(ledger):
     add(ledger, "a-1")
-    with sqlite3.connect(ledger.path) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    ledger.start_attempt("a-1", 1, resumed_from=None, start_step=0)
+    ledger.update_job("a-1", state=JobState.RUNNING, step=7)
+    assert [j.step for j in ledger.jobs()] == [7]
+    other = Ledger(ledger.path.parent / "login2.db", ledger.runs)   # another login node, same run directories
+    assert [(j.id, j.state, j.step, len(j.attempts)) for j in other.jobs()] == [("a-1", JobState.RUNNING, 7, 1)]
+    ledger.update_job("a-1", state=JobState.COMPLETED)
+    assert other.jobs()[0].state is JobState.COMPLETED and other.find("a-") == ["a-1"]
+    ledger.path.unlink()                                             # the index holds nothing of its own
+    assert [j.state for j in ledger.jobs()] == [JobState.COMPLETED]
+
+
+def test_a_run_directory_that_is_gone_leaves_the_index(ledger):
+    import shutil
+
+    add(ledger, "a-1")
+    add(ledger, "b-1")
+    assert len(ledger.jobs()) == 2
+    shutil.rmtree(ledger.runs / "a-1")
+    assert [j.id for j in ledger.jobs()] == ["b-1"]
+
+
+def test_a_job_must_live_in_its_run_directory(ledger):
+    with pytest.raises(ValueError, match="run directory must be"):
+        ledger.create_job(job_id="a-1", name="a", backend="local", run_dir="/elsewhere", config_path="c",
+                          output_dir="o")
+
+
+def test_a_01_ledger_is_moved_into_the_run_directories(tmp_path):
+    home = tmp_path / "home"
+    run_dir = home / "runs" / "old-1"
+    run_dir.mkdir(parents=True)
+    with sqlite3.connect(home / "ledger.db") as c:
+        c.execute("CREATE TABLE jobs (id TEXT, name TEXT, backend TEXT, state TEXT, created REAL, updated REAL, "
+                  "run_dir TEXT, config_path TEXT, output_dir TEXT, step INTEGER, max_steps INTEGER, "
+                  "distributed_type TEXT, supervisor_pid INTEGER, heartbeat REAL, message TEXT)")
+        c.execute("CREATE TABLE attempts (job_id TEXT, n INTEGER, started REAL, ended REAL, pid INTEGER, "
+                  "exit_code INTEGER, failure TEXT, resumed_from TEXT, start_step INTEGER, end_step INTEGER, "
+                  "gained_checkpoint INTEGER, message TEXT)")
+        c.execute("INSERT INTO jobs VALUES ('old-1','old','local','COMPLETED',1,2,?,'c','o',40,40,'FSDP',NULL,NULL,"
+                  "'completed')", (str(run_dir),))
+        c.execute("INSERT INTO attempts VALUES ('old-1',1,1,2,99,0,'COMPLETED',NULL,0,40,1,NULL)")
+    ledger = Ledger.for_home(home)
+    job = ledger.get("old-1")
+    assert (job.state, job.step, [a.failure for a in job.attempts]) == (JobState.COMPLETED, 40, ["COMPLETED"])
+    assert [j.id for j in ledger.jobs()] == ["old-1"] and (home / "ledger.db.0.1").exists()
 
 
 def test_two_ledger_objects_on_one_file_see_each_others_writes(tmp_path):
-    path = tmp_path / "ledger.db"
+    path = tmp_path / "index" / "h.db"
     supervisor, cli = Ledger(path), Ledger(path)
     add(supervisor, "a-1")
     assert cli.get("a-1").state is JobState.PENDING
@@ -162,7 +207,7 @@ def test_two_ledger_objects_on_one_file_see_each_others_writes(tmp_path):
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):
-    path = tmp_path / "ledger.db"
+    path = tmp_path / "index" / "h.db"
     errors: list[BaseException] = []
 
     def writer(tag: str) -> None:

@@ -1,12 +1,14 @@
 """The SLURM backend against a real cluster: the one-host lab of ``scripts/slurm-lab.sh``
-(Slurm 22.05, two virtual nodes n1/n2, sacct through slurmdbd), which ``.ci/run`` starts.
+(Slurm 22.05, three virtual nodes n1-n3, sacct through slurmdbd), which ``.ci/run`` starts.
 
-(a) the demo completes through SLURM; (b) a 2-node job completes with world size 2; (c) a rank
-killed inside a running job is resumed from the verified checkpoint, while a ``scancel`` from
-outside is the user's cancel and ``orchestrate cancel`` confirms the job left the queue; (d) a
-preemption/time-limit signal stops every rank at a step boundary with a checkpoint, and the next
-attempt resumes from it with no step lost; (e) a bad partition or time format is refused
-before anything is queued. Timings print with ``-s``.
+The supervisor runs inside the job's allocation and every attempt is a job step of it:
+(a) the demo completes; (b) a 2-node job has world size 2; (c) a rank killed -9 is followed by a
+new step in the same SLURM job, also while a competing job waits for the same nodes, and a
+``scancel`` from outside is the user's cancel; (d) a preemption signal checkpoints and the job goes
+on in place, while the time limit's signal checkpoints and requeues it into a new allocation (one
+job in our ledger); (e) a node set DOWN mid-run: the job goes on without it; (f) the login side
+killed right after submit changes nothing, and another login node's index shows the job; plus
+settings SLURM refuses before anything is queued. Timings print with ``-s``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from orch_helpers import job_processes, orch, progress, status, wait_for, write_config
+from orch_helpers import job_processes, orch, progress, start_orch, status, wait_for, write_config
 
 
 def _cluster_problem() -> str | None:
@@ -39,6 +41,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_PROBLEM is not None, reason
 
 LAB = {"backend": "slurm", "slurm": {"profile": "local-lab"}}
 TWO_NODES = {"backend": "slurm", "nproc_per_node": 1, "slurm": {"profile": "local-lab", "nodes": 2, "cpus_per_task": 1}}
+FAST = {"retry": {"backoff_s": 0.5}}
 TIMINGS: dict[str, float] = {}
 
 
@@ -50,10 +53,13 @@ def _timing(name: str, seconds: float) -> None:
         Path(out).write_text(json.dumps(TIMINGS, indent=1))
 
 
-def _slurm_job(run_dir, attempt: int = 1, timeout: float = 120) -> str:
-    path = Path(run_dir) / "attempts" / str(attempt) / "slurm.json"
-    return wait_for(lambda: (json.loads(path.read_text()) if path.exists() else {}).get("job_id"), timeout,
-                    f"attempt {attempt} to be submitted")
+def _slurm_job(home, job_id, timeout: float = 120) -> str:
+    return wait_for(lambda: status(home, job_id).get("scheduler_job_id"), timeout, "the job's allocation")
+
+
+def _sacct(slurm_job: str, fields: str = "State,Start,End") -> list[str]:
+    r = subprocess.run(["sacct", "-n", "-P", "-X", "-j", slurm_job, "-o", fields], capture_output=True, text=True)
+    return r.stdout.strip().splitlines()[-1].split("|") if r.stdout.strip() else []
 
 
 def _queue_state(slurm_job: str) -> str:
@@ -77,7 +83,15 @@ def _submit_detached(home, tmp_path, cfg) -> tuple[str, str]:
     return job_id, status(home, job_id)["run_dir"]
 
 
-def test_a_demo_completes_through_slurm(tmp_path, demo_assets):
+def _allocations(run_dir) -> list[dict]:
+    return [r for r in progress_file(Path(run_dir) / "slurm" / "allocations.jsonl")]
+
+
+def progress_file(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def test_a_demo_completes_with_its_supervisor_inside_the_allocation(tmp_path, demo_assets):
     home = tmp_path / "we ird 'home' $(touch pwned)"      # every path in the sbatch script is quoted
     cfg = write_config(tmp_path, demo_assets, name="demo", launch=LAB, max_steps=12, save_steps=4, logging_steps=2)
     t0 = time.time()
@@ -86,19 +100,21 @@ def test_a_demo_completes_through_slurm(tmp_path, demo_assets):
     job = status(home, json.loads(orch(home, "list", "--json").stdout)[0]["id"])
     assert job["state"] == "COMPLETED" and job["step"] == job["max_steps"] == 12
     assert job["distributed_type"] == "FSDP" and job["world_size"] == 2
-    assert [a["failure"] for a in job["attempts"]] == ["COMPLETED"]
+    [attempt] = job["attempts"]
+    assert attempt["failure"] == "COMPLETED" and attempt["scheduler_job_id"] == job["scheduler_job_id"]
+    assert attempt["external_id"] == f"{job['scheduler_job_id']}.0" and attempt["nodes"] == "n1"
     run = Path(job["run_dir"])
-    record = json.loads((run / "attempts/1/slurm.json").read_text())
-    assert record["state"] == "COMPLETED" and _queue_state(record["job_id"]) == "COMPLETED"
+    assert _queue_state(job["scheduler_job_id"]) == "COMPLETED"
+    log = next(run.glob("slurm/*_0_log.out")).read_text()
+    assert "supervising" in log and "job COMPLETED" in log                # the supervisor ran in the batch step
     ranks = sorted(p.parent.name for p in run.glob("attempts/1/ranks/node0/**/stdout.log"))
     assert ranks == ["0", "1"], "every rank's output is kept, per node"
     logs = orch(home, "logs", job["id"])
     assert logs.returncode == 0 and "rank 0" in logs.stdout and "rank 1" in logs.stdout
     assert (run / "output/checkpoint-12/.orchestrate-complete").is_file() and not (tmp_path / "pwned").exists()
-    first = _logs(run)[0]
-    node = json.loads((run / "attempts/1/nodes/0/node.json").read_text())
-    _timing("submit -> job running (slurm)", node["started"] - record["submitted"])
-    _timing("submit command -> first training step", first["time"] - t0)
+    submitted, started = _allocations(run)[:2]
+    _timing("submit -> allocation running (idle queue)", started["time"] - submitted["time"])
+    _timing("submit command -> first training step", _logs(run)[0]["time"] - t0)
 
 
 def test_b_two_nodes_complete_with_the_right_world_size(tmp_path, demo_assets):
@@ -108,6 +124,7 @@ def test_b_two_nodes_complete_with_the_right_world_size(tmp_path, demo_assets):
     assert r.returncode == 0, r.stdout + r.stderr
     job = status(home, json.loads(orch(home, "list", "--json").stdout)[0]["id"])
     assert job["state"] == "COMPLETED" and job["world_size"] == 2 and job["distributed_type"] == "FSDP"
+    assert job["attempts"][0]["world_size"] == 2 and len(job["attempts"][0]["nodes"].split(",")) == 2
     run = Path(job["run_dir"])
     nodes = [json.loads((run / f"attempts/1/nodes/{n}/node.json").read_text()) for n in (0, 1)]
     assert [n["node"] for n in nodes] == [0, 1] and {n["nnodes"] for n in nodes} == {2}
@@ -115,47 +132,61 @@ def test_b_two_nodes_complete_with_the_right_world_size(tmp_path, demo_assets):
     assert {"--node-rank=0", "--nnodes=2"} <= set(nodes[0]["argv"]) and "--node-rank=1" in nodes[1]["argv"]
     for n in (0, 1):
         assert list(run.glob(f"attempts/1/ranks/node{n}/**/stdout.log")), f"node {n}'s rank log"
-    start = next(r for r in progress(run) if r["event"] == "start")
-    assert start["world_size"] == 2
     assert (run / "attempts/1/nodes/0/status.json").is_file()              # global rank 0 ran on node 0
     logs = orch(home, "logs", job["id"]).stdout
     assert "[rank 0]" in logs and "[rank 1]" in logs
 
 
-def _kill_rank(job_id: str, rank: str) -> int:
+def _kill_rank(job_id: str, rank: str) -> float:
     for p in psutil.process_iter():
         try:
             env = p.environ()
             if env.get("ORCHESTRATE_JOB_ID") == job_id and env.get("RANK") == rank and \
                     "train_worker" in " ".join(p.cmdline()):
+                t = time.time()
                 p.send_signal(signal.SIGKILL)
-                return p.pid
+                return t
         except psutil.Error:
             continue
     raise AssertionError(f"no rank {rank} of {job_id} found")
 
 
-def test_c_a_killed_rank_is_resumed_from_the_verified_checkpoint(tmp_path, demo_assets):
+def test_c_a_killed_rank_restarts_in_place_before_a_waiting_job_gets_the_nodes(tmp_path, demo_assets):
     home = tmp_path / "home"
-    cfg = write_config(tmp_path, demo_assets, launch=TWO_NODES, max_steps=20, save_steps=5, logging_steps=1)
+    cfg = write_config(tmp_path, demo_assets, launch={**TWO_NODES, **FAST}, max_steps=20, save_steps=5,
+                       logging_steps=1)
     job_id, run = _submit_detached(home, tmp_path, cfg)
+    slurm_job = _slurm_job(home, job_id)
     wait_for(lambda: (Path(run) / "output/checkpoint-5/.orchestrate-complete").exists(), 240, "checkpoint-5")
-    _kill_rank(job_id, "1")
-    job = _wait_state(home, job_id)
-    assert job["state"] == "COMPLETED" and job["step"] == 20
-    assert [a["failure"] for a in job["attempts"]] == ["KILLED", "COMPLETED"]
-    resumed = job["attempts"][1]["resumed_from"]
-    assert resumed and resumed.startswith(str(Path(run) / "output" / "checkpoint-"))
-    ckpt = int(resumed.rsplit("-", 1)[1])
-    assert min(r["step"] for r in _logs(run, 2)) == ckpt + 1               # nothing before it is redone or lost
-    assert json.loads((Path(run) / "attempts/1/slurm.json").read_text())["state"] == "FAILED"
+    nodes = status(home, job_id)["attempts"][0]["nodes"]
+    # A competitor for the same nodes, queued behind us: it must not get them when our rank crashes.
+    rival = subprocess.run(["sbatch", "--parsable", "-N2", "--exclusive", f"--nodelist={nodes}", "-t", "5",
+                            "--wrap", "sleep 1"], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        wait_for(lambda: _queue_state(rival) == "PENDING", 30, "the competing job to wait")
+        t_kill = _kill_rank(job_id, "1")
+        job = _wait_state(home, job_id)
+        assert job["state"] == "COMPLETED" and job["step"] == 20
+        first, second = job["attempts"]
+        assert (first["failure"], second["failure"]) == ("KILLED", "COMPLETED")
+        assert second["scheduler_job_id"] == first["scheduler_job_id"] == slurm_job and second["in_place"] == 1
+        assert second["external_id"] != first["external_id"]                 # a new step, not a new job
+        ckpt = int(second["resumed_from"].rsplit("-", 1)[1])
+        assert min(r["step"] for r in _logs(run, 2)) == ckpt + 1             # nothing before it is redone or lost
+        _timing("rank killed -> next training step (in place)", _logs(run, 2)[0]["time"] - t_kill)
+        end_ours = _sacct(slurm_job)[2]
+        start_rival = wait_for(lambda: (lambda f: f[1] if f and f[1] not in ("", "Unknown", "None") else None)(
+            _sacct(rival)), 60, "the competing job to start")
+        assert start_rival >= end_ours, (start_rival, end_ours)             # we finished first (ISO times sort)
+    finally:
+        subprocess.run(["scancel", rival])
 
 
 def test_c_scancel_from_outside_is_the_users_cancel(tmp_path, demo_assets):
     home = tmp_path / "home"
     cfg = write_config(tmp_path, demo_assets, launch=LAB, max_steps=400, save_steps=1000, logging_steps=1)
     job_id, run = _submit_detached(home, tmp_path, cfg)
-    slurm_job = _slurm_job(run)
+    slurm_job = _slurm_job(home, job_id)
     wait_for(lambda: _logs(run), 240, "the first training step")
     subprocess.run(["scancel", slurm_job], check=True)
     job = _wait_state(home, job_id, timeout=120)
@@ -163,30 +194,54 @@ def test_c_scancel_from_outside_is_the_users_cancel(tmp_path, demo_assets):
     assert _queue_state(slurm_job) == "CANCELLED" and wait_for(lambda: job_processes(job_id) == [], 60, "no process")
 
 
-def test_c_orchestrate_cancel_runs_scancel_and_confirms(tmp_path, demo_assets):
+def test_c_orchestrate_cancel_asks_the_supervisor_in_the_allocation(tmp_path, demo_assets):
     home = tmp_path / "home"
     cfg = write_config(tmp_path, demo_assets, launch=LAB, max_steps=400, save_steps=1000, logging_steps=1)
     job_id, run = _submit_detached(home, tmp_path, cfg)
-    slurm_job = _slurm_job(run)
+    slurm_job = _slurm_job(home, job_id)
     wait_for(lambda: _logs(run), 240, "the first training step")
     r = orch(home, "cancel", job_id, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert status(home, job_id)["state"] == "CANCELLED"
-    assert _queue_state(slurm_job) == "CANCELLED" and job_processes(job_id) == []
+    wait_for(lambda: _queue_state(slurm_job) in ("COMPLETED", "CANCELLED"), 60, "the allocation to end")
+    assert wait_for(lambda: job_processes(job_id) == [], 60, "no process")
 
 
-def test_d_preemption_signal_checkpoints_and_the_next_attempt_resumes(tmp_path, demo_assets):
+def test_c_cancel_of_a_job_waiting_in_the_queue_scancels_it(tmp_path, demo_assets):
+    home = tmp_path / "home"
+    blocker = subprocess.run(["sbatch", "--parsable", "-N3", "--exclusive", "-t", "5", "--wrap", "sleep 300"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        wait_for(lambda: _queue_state(blocker) == "RUNNING", 30, "every node to be taken")
+        cfg = write_config(tmp_path, demo_assets, launch=LAB)
+        r = orch(home, "submit", "--detach", str(cfg), cwd=tmp_path, timeout=120)
+        assert r.returncode == 0, r.stderr
+        job_id = r.stdout.strip()
+        slurm_job = _slurm_job(home, job_id)
+        assert _queue_state(slurm_job) == "PENDING"
+        st = orch(home, "status", job_id)
+        assert "inside its SLURM allocation, when it runs" in st.stdout and "GONE" not in st.stdout
+        assert "supervisor is gone" not in st.stderr
+        r = orch(home, "cancel", job_id, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert status(home, job_id)["state"] == "CANCELLED" and _queue_state(slurm_job) == "CANCELLED"
+    finally:
+        subprocess.run(["scancel", blocker])
+
+
+def test_d_a_preemption_signal_checkpoints_and_the_job_goes_on_in_place(tmp_path, demo_assets):
     home = tmp_path / "home"
     cfg = write_config(tmp_path, demo_assets, launch=LAB, max_steps=16, save_steps=1000, logging_steps=1)
     job_id, run = _submit_detached(home, tmp_path, cfg)
-    slurm_job = _slurm_job(run)
+    slurm_job = _slurm_job(home, job_id)
     wait_for(lambda: len(_logs(run)) >= 2, 240, "two training steps")
     t_signal = time.time()
-    # What SLURM does before the time limit (--signal=USR2@90) or on preemption: USR2 to every process.
+    # What SLURM does on preemption (or before the time limit): USR2 to every process of the steps.
     subprocess.run(["scancel", "--signal=USR2", slurm_job], check=True)
     job = _wait_state(home, job_id)
     assert job["state"] == "COMPLETED" and job["step"] == 16
     assert [a["failure"] for a in job["attempts"]] == ["PREEMPTED", "COMPLETED"]
+    assert job["attempts"][1]["in_place"] == 1                            # plenty of time left: a new step here
     recs = progress(run)
     stop = next(r for r in recs if r["event"] == "end" and r["attempt"] == 1)
     assert stop["state"] == "stopped"
@@ -197,13 +252,65 @@ def test_d_preemption_signal_checkpoints_and_the_next_attempt_resumes(tmp_path, 
     assert min(r["step"] for r in _logs(run, 2)) == stop["step"] + 1       # and none is lost or redone
     node = json.loads((Path(run) / "attempts/1/nodes/0/node.json").read_text())
     assert [s["signal"] for s in node["signals"]] == ["SIGUSR2"] and node["exit_code"] == 75
-    second = json.loads((Path(run) / "attempts/2/slurm.json").read_text())
-    node2 = json.loads((Path(run) / "attempts/2/nodes/0/node.json").read_text())
-    for what, t in [("checkpoint written", next(r["time"] for r in recs if r["event"] == "checkpoint")),
-                    ("attempt 1 left the queue", node["ended"]),
-                    ("attempt 2 submitted", second["submitted"]), ("attempt 2 running", node2["started"]),
-                    ("first step of the resumed attempt", _logs(run, 2)[0]["time"])]:
-        _timing(f"preemption signal -> {what}", t - t_signal)
+    _timing("preemption signal -> first step after (in place)", _logs(run, 2)[0]["time"] - t_signal)
+
+
+def test_d_the_time_limit_requeues_the_job_into_a_new_allocation(tmp_path, demo_assets):
+    home = tmp_path / "home"
+    slurm = {"profile": "local-lab", "time": 1, "signal_delay_s": 45}
+    cfg = write_config(tmp_path, demo_assets, launch={**LAB, **FAST, "slurm": slurm}, max_steps=240,
+                       save_steps=1000, logging_steps=5)
+    job_id, run = _submit_detached(home, tmp_path, cfg)
+    slurm_job = _slurm_job(home, job_id)
+    job = _wait_state(home, job_id, timeout=900)
+    assert job["state"] == "COMPLETED" and job["step"] == 240, job["message"]
+    failures = [a["failure"] for a in job["attempts"]]
+    assert "PREEMPTED" in failures and failures[-1] == "COMPLETED"
+    assert {a["scheduler_job_id"] for a in job["attempts"]} == {slurm_job}  # requeued: the same SLURM job id
+    assert any(a["in_place"] == 0 for a in job["attempts"])                 # ... through the queue
+    started = [r for r in _allocations(run) if r["event"] == "started"]
+    assert len(started) >= 2 and len(json.loads(orch(home, "list", "--json").stdout)) == 1
+    first_stop = next(r for r in progress(run) if r["event"] == "end" and r["state"] == "stopped")
+    after = next(r for r in progress(run) if r["event"] == "log" and r["time"] > first_stop["time"])
+    _timing("time-limit stop -> first step in the new allocation", after["time"] - first_stop["time"])
+
+
+def test_e_a_node_set_down_mid_run_and_the_job_goes_on_without_it(tmp_path, demo_assets):
+    home = tmp_path / "home"
+    cfg = write_config(tmp_path, demo_assets, launch={**TWO_NODES, **FAST}, max_steps=30, save_steps=5,
+                       logging_steps=1)
+    job_id, run = _submit_detached(home, tmp_path, cfg)
+    wait_for(lambda: (Path(run) / "output/checkpoint-5/.orchestrate-complete").exists(), 240, "checkpoint-5")
+    lost = status(home, job_id)["attempts"][0]["nodes"].split(",")[1]
+    subprocess.run(["scontrol", "update", f"nodename={lost}", "state=down", "reason=orchestrate-test"], check=True)
+    try:
+        job = _wait_state(home, job_id, timeout=600)
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={lost}", "state=resume"])
+    assert job["state"] == "COMPLETED" and job["step"] == 30, job["message"]
+    assert lost not in job["attempts"][-1]["nodes"].split(",")
+    nodes = json.loads((Path(run) / "slurm/nodes.json").read_text())
+    assert nodes.get(lost, 0) >= 1
+    moved = [r for r in _allocations(run) if r["event"] == "resubmitted"]   # from inside the job, not the login node
+    assert moved and lost in moved[0]["exclude"] and job["scheduler_job_id"] == moved[0]["job_id"]
+
+
+def test_f_killing_the_login_side_changes_nothing_and_another_login_node_sees_the_job(tmp_path, demo_assets):
+    home = tmp_path / "home"
+    cfg = write_config(tmp_path, demo_assets, launch=LAB, max_steps=12, save_steps=4, logging_steps=1)
+    proc = start_orch(home, "submit", str(cfg), cwd=tmp_path)
+    job_id = wait_for(lambda: (json.loads(orch(home, "list", "--json").stdout or "[]") or [{}])[0].get("id"), 60,
+                      "the job in the ledger")
+    _slurm_job(home, job_id)
+    proc.kill()                                  # kill -9 of everything orchestrate ran on the login node
+    proc.wait()
+    job = _wait_state(home, job_id)
+    assert job["state"] == "COMPLETED" and [a["failure"] for a in job["attempts"]] == ["COMPLETED"]
+    other = {"ORCHESTRATE_INDEX": str(tmp_path / "login2" / "index.db")}   # its own index, the same run dirs
+    listed = json.loads(orch(home, "list", "--json", env_extra=other).stdout)
+    assert [j["id"] for j in listed] == [job_id] and (tmp_path / "login2" / "index.db").is_file()
+    st = orch(home, "status", job_id[:10], "--json", env_extra=other)
+    assert st.returncode == 0 and json.loads(st.stdout)["state"] == "COMPLETED"
 
 
 @pytest.mark.parametrize("slurm, problem", [
@@ -212,7 +319,7 @@ def test_d_preemption_signal_checkpoints_and_the_next_attempt_resumes(tmp_path, 
     ({"profile": "local-lab", "time": "1h"},
      "launch.slurm.time: expected MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (or whole minutes), got '1h'"),
 ])
-def test_e_bad_settings_are_refused_before_anything_is_queued(tmp_path, demo_assets, slurm, problem):
+def test_g_bad_settings_are_refused_before_anything_is_queued(tmp_path, demo_assets, slurm, problem):
     home = tmp_path / "home"
     name = f"refused-{os.getpid()}-{len(problem)}"
     cfg = write_config(tmp_path, demo_assets, launch={"backend": "slurm", "name": name, "slurm": slurm})
@@ -223,12 +330,12 @@ def test_e_bad_settings_are_refused_before_anything_is_queued(tmp_path, demo_ass
     assert queued.stdout.strip() == ""
 
 
-def test_e_a_broken_job_environment_fails_once_with_its_log(tmp_path, demo_assets):
+def test_g_a_broken_job_environment_fails_once_with_its_log(tmp_path, demo_assets):
     home = tmp_path / "home"
     slurm = {"profile": "local-lab", "setup": ["echo 'no such module: cuda/99' >&2", "exit 3"]}
     cfg = write_config(tmp_path, demo_assets, launch={"backend": "slurm", "slurm": slurm})
     r = orch(home, "submit", str(cfg), cwd=tmp_path, timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr
     job = status(home, json.loads(orch(home, "list", "--json").stdout)[0]["id"])
-    assert job["state"] == "FAILED" and [a["failure"] for a in job["attempts"]] == ["USER_ERROR"]
-    assert "no such module: cuda/99" in job["attempts"][0]["message"]
+    assert job["state"] == "FAILED" and job["attempts"] == []
+    assert "no supervisor in it" in job["message"] and "no such module: cuda/99" in job["message"]

@@ -22,17 +22,21 @@ from helpers import model_of
 
 from orchestrator.backends import get_backend
 from orchestrator.backends.base import AttemptHandle
-from orchestrator.backends.slurm.backend import SlurmBackend, SlurmQueue, exit_status, publish
+from orchestrator.backends.slurm import scontrol
 from orchestrator.backends.slurm.node import first_node_address, run_agent
+from orchestrator.backends.slurm.queue import SlurmQueue
+from orchestrator.backends.slurm.records import exit_status, publish, record_submit_failure
 from orchestrator.backends.slurm.states import (
     SLURM_STATES,
     lookup,
     normalize_state,
     parse_sacct,
+    parse_sacct_steps,
     parse_sbatch_parsable,
     parse_squeue,
 )
-from orchestrator.backends.slurm.submit import preflight, submit
+from orchestrator.backends.slurm.steps import NODES_FILE, Placement, SlurmStepBackend
+from orchestrator.backends.slurm.submit import preflight, submit_allocation
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.config.launch import LaunchSettings, parse_launch
 from orchestrator.config.slurm import available_profiles, parse_slurm, parse_time
@@ -242,8 +246,9 @@ def test_per_node_command_rendezvous_and_port():
                 "--rdzv-endpoint=10.0.0.1:20123", "--rdzv-id=123", "--max-restarts=0"} <= set(argv)
         assert f"--log-dir={HOME}/runs/{JOB}/attempts/3/ranks/node{node}" in argv
         assert argv[-3:] == [plan.worker_script, "--config", f"{HOME}/runs/{JOB}/worker_config.yaml"]
-    assert slurm_plan.rendezvous_port("123") == slurm_plan.rendezvous_port("123") == 20123
-    assert slurm_plan.rendezvous_port("98765") == 28765 and slurm_plan.rendezvous_port("7_3") == 20073
+    assert slurm_plan.rendezvous_port("123", 1) == slurm_plan.rendezvous_port("123", 1) == 20862
+    assert slurm_plan.rendezvous_port("123", 2) == 20863                # the next step: another port
+    assert slurm_plan.rendezvous_port("98765", 1) == 21356 and slurm_plan.rendezvous_port("7_3", 1) == 20512
     env = slurm_plan.node_env(plan, 3, "/ck/checkpoint-8", node=1, slurm_job_id="123")
     assert env[channel.ENV_ATTEMPT_DIR] == f"{HOME}/runs/{JOB}/attempts/3/nodes/1"
     assert env[channel.ENV_RESUME_FROM] == "/ck/checkpoint-8" and env["ACCELERATE_USE_FSDP"] == "1"
@@ -268,23 +273,25 @@ def test_preview_is_exactly_what_submitit_writes(profile, tmp_path):
     from orchestrator.backends.slurm.submit import _executor_class
 
     plan = plan_of(slurm_config({"profile": profile}, nproc="auto" if profile != "local-lab" else 2), home=tmp_path)
-    ex = _executor_class()(slurm_plan.submitit_folder(plan, 1), python=shlex.quote(slurm_plan.job_python(plan)))
-    ex.update_parameters(**slurm_plan.executor_parameters(plan, 1))
-    assert ex._make_submission_file_text(ex._submitit_command_str, "uid") == slurm_plan.sbatch_script(plan, 1)
+    ex = _executor_class()(slurm_plan.submitit_folder(plan), python=shlex.quote(slurm_plan.job_python(plan)))
+    ex.update_parameters(**slurm_plan.executor_parameters(plan))
+    assert ex._make_submission_file_text(ex._submitit_command_str, "uid") == slurm_plan.sbatch_script(plan)
 
 
 def test_hostile_paths_are_quoted_in_the_sbatch_script(tmp_path):
     plan = plan_of(slurm_config({"profile": "local-lab", "setup": ["module load x"]}), home=Path(HOSTILE),
                    python=HOSTILE + "/py")
-    script = slurm_plan.sbatch_script(plan, 1)
+    script = slurm_plan.sbatch_script(plan)
     (tmp_path / "s.sh").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "s.sh")]).returncode == 0
-    folder = f"{HOSTILE}/runs/{JOB}/attempts/1/slurm"
+    folder = f"{HOSTILE}/runs/{JOB}/slurm"
     opts = dict(shlex.split(ln[len("#SBATCH "):])[0].split("=", 1) for ln in script.splitlines()
                 if ln.startswith("#SBATCH --") and "=" in ln)
     assert opts["--output"] == f"{folder}/%j_0_log.out" and opts["--error"] == f"{folder}/%j_0_log.err"
-    srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
-    assert shlex.split(srun)[-5:] == [HOSTILE + "/py", "-u", "-m", "submitit.core._submit", folder]
+    # the batch step runs the supervisor itself (no srun): the last line is submitit's entry, quoted
+    command = [ln for ln in script.splitlines() if ln.strip() and not ln.startswith("#")][-1]
+    assert not command.startswith("srun ")
+    assert shlex.split(command)[-5:] == [HOSTILE + "/py", "-u", "-m", "submitit.core._submit", folder]
     assert not Path("pwned").exists()
 
 
@@ -294,133 +301,141 @@ def test_a_newline_in_a_path_is_refused():
     assert "contains a newline" in e.value.problems[0]
 
 
-# ---- the backend against a fake SLURM -----------------------------------------------------------
+# ---- supervision inside the allocation: the step backend against a fake SLURM --------------------
+
+SCONTROL_JOB = ("JobId=33 JobName=demo UserId=root(0) JobState=RUNNING Reason=None Requeue=1 Restarts=0 BatchFlag=1 "
+                "RunTime=00:00:04 TimeLimit=00:30:00 StartTime=2026-12-02T19:26:13 EndTime={end} Partition=debug "
+                "NodeList=n[1-2] BatchHost=n1 NumNodes=2 NumCPUs=2 NumTasks=2 CPUs/Task=1\n")
+SCONTROL_NODE = "NodeName={n} Arch=x86_64 CoresPerSocket=1 NodeAddr=127.0.0.1 NodeHostName=localhost Port=6820 State={s}\n"
+
 
 class FakeSlurm:
-    """Answers squeue/sacct/scancel from a dict of job states; records every command."""
+    """Answers scontrol/sacct/squeue/scancel like Slurm 22.05 (recorded lines, scripts/slurm-lab.sh)."""
 
-    def __init__(self, states: dict[str, str], sacct_only: tuple[str, ...] = ()):
-        self.states, self.sacct_only, self.calls = dict(states), sacct_only, []
-        self.on_scancel: dict[str, str] = {}
+    def __init__(self, nodes=None, time_left=3600.0, steps=None, requeue_rc=0):
+        self.nodes = nodes or {"n1": "MIXED", "n2": "MIXED"}
+        self.time_left, self.steps, self.requeue_rc, self.calls = time_left, dict(steps or {}), requeue_rc, []
 
     def __call__(self, argv, input=None, timeout=60.0):
         self.calls.append(argv)
-        if getattr(self, "down", False):
-            return 1, "", "squeue: error: Unable to contact slurm controller (connect failure)"
-        ids = argv[-1].split("=", 1)[1].split(",") if argv[-1].startswith("--jobs=") else [argv[-1]]
-        if argv[0] == "squeue":
-            return 0, BANNER + "".join(f"{i}|{self.states[i]}|None|n1\n" for i in ids
-                                       if i in self.states and i not in self.sacct_only), ""
+        if argv[:3] == ["scontrol", "show", "hostnames"]:
+            return 0, "".join(f"{n}\n" for n in ("n1", "n2")), ""
+        if argv[:4] == ["scontrol", "--oneliner", "show", "job"]:
+            end = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + self.time_left))
+            return 0, SCONTROL_JOB.format(end=end), ""
+        if argv[:4] == ["scontrol", "--oneliner", "show", "node"]:
+            return 0, "".join(SCONTROL_NODE.format(n=n, s=self.nodes[n]) for n in argv[4].split(",")
+                              if n in self.nodes), ""
+        if argv[:2] == ["scontrol", "requeue"]:
+            return self.requeue_rc, "", "" if not self.requeue_rc else "Requested operation is presently disabled"
         if argv[0] == "sacct":
-            return 0, BANNER + "".join(f"{i}|{self.states[i]}|0:0|None|n1\n" for i in ids if i in self.states), ""
-        if argv[0] == "scancel":
-            if len(argv) == 2 and argv[1] in self.on_scancel:
-                self.states[argv[1]] = self.on_scancel[argv[1]]
-            return 0, "", ""
+            sid = argv[-1].split("=", 1)[1]
+            return 0, BANNER + (f"{sid}|{self.steps[sid]}|0:0||n[1-2]\n" if sid in self.steps else ""), ""
+        if argv[0] == "squeue":
+            return 0, "33.batch|batch\n", ""
         return 0, "", ""
 
 
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, s):
-        self.t += s
+def step_plan(tmp_path, nodes=2, **slurm):
+    return plan_of(slurm_config({"profile": "local-lab", "nodes": nodes, **slurm}, nproc=1), home=tmp_path)
 
 
-def test_queue_batches_and_backs_off():
-    fake, clock = FakeSlurm({"1": "RUNNING", "2": "PENDING", "3": "COMPLETED"}, sacct_only=("3",)), Clock()
-    q = SlurmQueue(fake, clock, min_s=1.0, max_s=5.0)
-    for j in ("1", "2", "3"):
-        q.watch(j)
-    assert q.info("1").state == "RUNNING" and q.info("3").state == "COMPLETED"
-    assert [c[0] for c in fake.calls] == ["squeue", "sacct"]          # one batched call each
-    assert fake.calls[0][-1] == "--jobs=1,2,3" and fake.calls[1][-1] == "--jobs=3"
-    intervals = []
-    for _ in range(5):
-        clock.t += 10
-        q.info("1")
-        intervals.append(q.interval)
-    assert intervals == [1.5, 2.25, 3.375, 5.0, 5.0]                  # nothing changes: back off
-    fake.states["1"] = "COMPLETING"
-    clock.t += 10
-    q.info("1")
-    assert q.interval == 1.0                                          # a change: look again soon
-    assert "3" not in q._watched                                     # ended jobs are not asked about again
+def test_placement_uses_the_usable_nodes_and_excludes_one_that_failed_twice(tmp_path):
+    plan = step_plan(tmp_path, nodes=1)
+    fake = FakeSlurm()
+    backend = SlurmStepBackend("33", runner=fake)
+    assert backend.placement(plan) == Placement(nodes=("n1",))
+    fake.nodes["n1"] = "DOWN*"
+    assert backend.placement(plan).nodes == ("n2",)                     # a node SLURM set down is not used
+    fake.nodes["n1"] = "MIXED"
+    channel.write_json_atomic(tmp_path / "runs" / JOB / "slurm" / NODES_FILE, {"n1": 2})
+    assert backend.placement(plan) == Placement(nodes=("n2",), exclude=("n1",))
 
 
-def _attempt_dir(tmp_path, nodes: dict[int, dict]) -> Path:
-    adir = tmp_path / "attempts" / "1"
+def test_too_few_nodes_or_the_time_limit_move_the_job_to_a_new_allocation(tmp_path):
+    plan = step_plan(tmp_path)
+    fake = FakeSlurm()
+    backend = SlurmStepBackend("33", runner=fake)
+    assert backend.placement(plan).nodes == ("n1", "n2") and backend.placement(plan).relocate is None
+    fake.nodes["n2"] = "IDLE+DRAIN"
+    where = backend.placement(plan)
+    assert where.relocate == "1 usable node(s) left of 2 (lost: n2)" and where.exclude == ("n2",)
+    fake.nodes["n2"], fake.time_left = "MIXED", 100                     # signal_delay_s 90 + 60 s margin
+    assert backend.placement(plan, Failure.PREEMPTED).relocate is None  # requeued just now: a fresh allocation
+    backend.last_allocation_attempt = 3                                 # a stop of an attempt run here ...
+    assert backend.placement(plan, Failure.KILLED).relocate is None     # a crash: a new step here
+    assert "time limit" in backend.placement(plan, Failure.PREEMPTED).relocate   # ... close to the limit
+
+
+def test_relocation_is_a_requeue_and_else_a_new_submission_from_inside(tmp_path, monkeypatch):
+    plan = step_plan(tmp_path)
+    fake = FakeSlurm()
+    backend = SlurmStepBackend("33", runner=fake)
+    said, new = backend.relocate(plan, Placement(relocate="the time limit"))
+    assert new is None and said.startswith("requeued as SLURM job 33") and fake.calls[-1] == ["scontrol", "requeue", "33"]
+    submitted = []
+    monkeypatch.setattr("orchestrator.backends.slurm.submit.submit_allocation",
+                        lambda plan, home, exclude: submitted.append(exclude) or "34")
+    said, new = backend.relocate(plan, Placement(relocate="a lost node", exclude=("n2",)))
+    assert new == "34" and "submitted a new allocation, SLURM job 34" in said and submitted == [("n2",)]
+    fake.requeue_rc = 1
+    said, new = backend.relocate(plan, Placement(relocate="the time limit"))
+    assert new == "34" and "SLURM refused the requeue" in said
+
+
+def _step_dir(tmp_path, nodes: dict[int, dict], allocation="33") -> Path:
+    adir = tmp_path / "runs" / JOB / "attempts" / "1"
     for node, files in nodes.items():
         for name, data in files.items():
             channel.write_json_atomic(adir / "nodes" / str(node) / name, data)
-    channel.write_json_atomic(adir / "slurm.json", {"job_id": "42", "nnodes": len(nodes)})
+    channel.write_json_atomic(adir / "slurm.json", {"job_id": allocation, "nodes": ["n1", "n2"][:len(nodes)],
+                                                    "nnodes": len(nodes)})
     return adir
 
 
-def test_poll_merges_node_records_when_the_job_ended(tmp_path):
-    adir = _attempt_dir(tmp_path, {
-        0: {"agent.json": {"exit_code": 0, "failures": {}}, "node.json": {"ended": 1}},
-        1: {"agent.json": {"exit_code": 0, "failures": {}}, "node.json": {"ended": 1},
+def test_a_step_that_ended_has_its_nodes_records_merged(tmp_path):
+    adir = _step_dir(tmp_path, {
+        0: {"agent.json": {"exit_code": 0, "failures": {}}, "node.json": {"ended": 1, "slurm_step_id": "4"}},
+        1: {"agent.json": {"exit_code": 0, "failures": {}}, "node.json": {"ended": 1, "slurm_step_id": "4"},
             "status.json": {"state": "completed"}, "error-rank3.json": {"rank": 3, "type": "X"}}})
-    fake = FakeSlurm({"42": "RUNNING"})
-    backend = SlurmBackend(runner=fake, clock=Clock())
-    handle = AttemptHandle("job", 1, 0, str(adir))          # as rebuilt by a new supervisor: no external id
-    assert backend.poll(handle) is None and not backend.queued(handle)
-    fake.states["42"] = "COMPLETED"
-    backend.queue._last = float("-inf")
+    backend = SlurmStepBackend("34", runner=FakeSlurm(steps={"33.4": "COMPLETED"}), sleep=lambda s: None)
+    handle = AttemptHandle(JOB, 1, 0, str(adir), external_id="33")       # adopted: from an earlier allocation
     assert backend.poll(handle) == 0
     agent = channel.read_json(adir / "agent.json")
-    assert agent["slurm"]["state"] == "COMPLETED" and agent["scheduler_failure"] is None
-    assert channel.read_json(adir / "status.json") == {"state": "completed"}
-    assert (adir / "error-rank3.json").is_file()
-    assert channel.read_json(adir / "slurm.json")["state"] == "COMPLETED"
-    assert backend.kill(handle) == [] and not any(c[0] == "scancel" for c in fake.calls)  # already gone
+    assert agent["slurm"]["job_id"] == "33.4" and agent["scheduler_failure"] is None
+    assert channel.read_json(adir / "status.json") == {"state": "completed"} and (adir / "error-rank3.json").is_file()
+    assert channel.read_json(adir / "slurm.json")["step_id"] == "4"
 
 
-def test_cancel_from_outside_is_the_users_cancel(tmp_path):
-    adir = _attempt_dir(tmp_path, {0: {"agent.json": {"exit_code": 75, "failures": {}}, "node.json": {"ended": 1},
-                                       "status.json": {"state": "stopped"}}})
-    rc = publish(adir, 1, parse_sacct("42|CANCELLED by 0|0:0|None|n1\n")["42"])
-    outcome = Outcome(returncode=rc, agent=channel.read_json(adir / "agent.json"), worker_state="stopped")
-    assert rc == 75 and classify(outcome) is Failure.CANCELLED
+def test_a_failed_step_counts_a_failure_against_each_node_slurm_lost(tmp_path):
+    adir = _step_dir(tmp_path, {0: {"agent.json": {"exit_code": 1, "failures": {}}, "node.json": {
+        "ended": 1, "slurm_step_id": "2"}}, 1: {"node.json": {"started": 1, "slurm_step_id": "2"}}})
+    fake = FakeSlurm(nodes={"n1": "MIXED", "n2": "DOWN*"}, steps={"33.2": "NODE_FAIL"})
+    backend = SlurmStepBackend("33", runner=fake, sleep=lambda s: None)
+    assert backend.poll(AttemptHandle(JOB, 1, 0, str(adir), external_id="34")) == 1
+    assert classify(Outcome(1, agent=channel.read_json(adir / "agent.json"))) is Failure.WORKER_LOST
+    assert channel.read_json(tmp_path / "runs" / JOB / "slurm" / NODES_FILE) == {"n2": 1}
 
 
-def test_kill_is_scancel_and_waits_until_the_job_left_the_queue(tmp_path):
-    fake, clock = FakeSlurm({"42": "RUNNING"}), Clock()
-    fake.on_scancel["42"] = "COMPLETING"
-    backend = SlurmBackend(runner=fake, clock=clock, sleep=lambda s: (clock.sleep(s), fake.states.update(
-        {"42": "CANCELLED"}) if clock.t > 3 else None))
-    handle = AttemptHandle("job", 1, 0, str(tmp_path), external_id="42")
-    assert backend.kill(handle, grace_s=1) == []
-    assert ["scancel", "42"] in fake.calls and fake.states["42"] == "CANCELLED"
+def test_kill_and_signal_are_scancel_of_the_step(tmp_path):
+    adir = _step_dir(tmp_path, {0: {"node.json": {"started": 1, "slurm_step_id": "5"}}})
+    fake = FakeSlurm()
+    backend = SlurmStepBackend("33", runner=fake)
+    handle = AttemptHandle(JOB, 1, 0, str(adir), external_id="33")
+    assert backend.kill(handle) == [] and ["scancel", "33.5"] in fake.calls
     backend.signal(handle, "SIGUSR2")
-    assert fake.calls[-1] == ["scancel", "--signal=USR2", "42"]
-
-
-def test_a_job_that_never_leaves_the_queue_is_reported(tmp_path):
-    fake, clock = FakeSlurm({"42": "PENDING"}), Clock()
-    backend = SlurmBackend(runner=fake, clock=clock, sleep=clock.sleep)
-    assert backend.queued(AttemptHandle("job", 1, 0, str(tmp_path), external_id="42"))
-    assert backend.kill(AttemptHandle("job", 1, 0, str(tmp_path), external_id="42"), grace_s=1) == [42]
-    assert ["scancel", "--signal=KILL", "--full", "42"] in fake.calls
+    assert fake.calls[-1] == ["scancel", "--signal=USR2", "33.5"]
+    assert backend.attempt_facts(handle) == {"scheduler_job_id": "33", "nodes": "n1", "external_id": "33.5",
+                                             "in_place": 0}
 
 
 @pytest.mark.parametrize("message, want", [
     ("sbatch: error: invalid partition specified: nosuch", Failure.USER_ERROR),
     ("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation", Failure.WORKER_LOST)])
-def test_a_refused_submission_ends_the_attempt_with_a_clear_record(tmp_path, message, want):
-    def refuse(plan, attempt, resume_from):
-        raise RuntimeError(message)
-
-    plan = plan_of(slurm_config({"profile": "local-lab"}), home=tmp_path)
-    backend = SlurmBackend(runner=FakeSlurm({}), submit_fn=refuse)
-    handle = backend.start(plan, 1, None)
-    assert handle.external_id is None and backend.poll(handle) == 2
-    adir = Path(handle.attempt_dir)
+def test_a_refused_submission_is_recorded_clearly(tmp_path, message, want):
+    adir = tmp_path / "a"
+    adir.mkdir()
+    record_submit_failure(adir, message)
     outcome = Outcome(returncode=2, agent=channel.read_json(adir / "agent.json"),
                       error=channel.read_json(adir / "error-rank0.json"))
     assert classify(outcome) is want and outcome.error["message"] == message
@@ -435,12 +450,12 @@ def test_submit_through_submitit_reads_the_id_past_a_banner(tmp_path, monkeypatc
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     plan = plan_of(slurm_config({"profile": "local-lab"}), home=tmp_path / "home")
-    plan.paths.attempt_dir(1).mkdir(parents=True)
-    assert submit(plan, 1, None) == "4242"
+    assert submit_allocation(plan, str(tmp_path / "home"), exclude=("n2",)) == "4242"
     argv = (tmp_path / "argv").read_text().split()
     assert argv[0] == "--parsable" and argv[1].endswith(".sh")
-    assert (slurm_plan.submitit_folder(plan, 1) / "4242_submission.sh").read_text() == slurm_plan.sbatch_script(plan, 1)
-    assert (slurm_plan.submitit_folder(plan, 1) / "4242_submitted.pkl").is_file()
+    script = (slurm_plan.submitit_folder(plan) / "4242_submission.sh").read_text()
+    assert "#SBATCH --exclude=n2" in script and "#SBATCH --requeue" in script and "#SBATCH --no-kill" in script
+    assert (slurm_plan.submitit_folder(plan) / "4242_submitted.pkl").is_file()
 
 
 def test_preflight_names_the_setting_slurm_refuses(monkeypatch):
@@ -462,7 +477,30 @@ def test_exit_status_of_an_attempt():
     assert exit_status([143, 1], 0, None) == 1          # node 0 was stopped because node 1 failed
     assert exit_status([0], 1, None) == 1               # a node left no record
     assert exit_status([], 2, parse_sacct("7|FAILED|2:0|None|n1\n")["7"]) == 2
-    assert get_backend("slurm").name == "slurm"
+
+
+def test_the_slurm_backend_exists_only_inside_an_allocation(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(ValueError, match="inside its allocation"):
+        get_backend("slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "33")
+    assert get_backend("slurm").name == "slurm" and get_backend("slurm").job == "33"
+
+
+def test_step_command_and_scontrol_parsers():
+    plan = plan_of(slurm_config({"profile": "local-lab", "nodes": 2}))
+    argv = slurm_plan.step_argv(plan, 3, ["n1", "n2"], "/py")
+    assert argv[:4] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1"]
+    assert {"--nodelist=n1,n2", "--kill-on-bad-exit=1", "--overlap", f"--job-name=orchestrate-{JOB}-a3",
+            "--cpus-per-task=2"} <= set(argv)
+    assert argv[-5:] == ["/py", "-u", "-m", "orchestrator.backends.slurm.node",
+                         f"{HOME}/runs/{JOB}/attempts/3/step.json"]
+    p = scontrol.pairs(SCONTROL_JOB)
+    assert (p["JobState"], p["NodeList"], p["Requeue"]) == ("RUNNING", "n[1-2]", "1")
+    assert scontrol.usable("MIXED") and scontrol.usable("IDLE") and not scontrol.usable("DOWN*")
+    assert not scontrol.usable("IDLE+DRAIN") and not scontrol.usable("")
+    assert parse_sacct_steps("33.0|COMPLETED|0:0||n[1-2]\n33|RUNNING|0:0|None|n1\n33.batch|RUNNING|0:0||n1\n") \
+        .keys() == {"33.0"}
 
 
 # ---- inside the job: the first node's address, signals passed on to the ranks ----------------------
@@ -524,32 +562,56 @@ def test_the_launcher_survives_usr2_and_passes_it_to_the_ranks(tmp_path):
     assert [r["signal"] for r in received] == ["SIGUSR2"]
 
 
-def test_a_job_that_failed_before_any_node_started_is_a_user_error(tmp_path):
+def test_a_step_that_failed_before_any_node_started_is_a_user_error(tmp_path):
     adir = tmp_path / "attempts" / "1"
-    (adir / "slurm").mkdir(parents=True)
-    (adir / "slurm" / "42_0_log.err").write_text("/var/spool/slurm/job42/slurm_script: line 9: module: command "
-                                                 "not found\n")
-    rc = publish(adir, 2, parse_sacct("42|FAILED|127:0|NonZeroExitCode|n[1-2]\n")["42"])
+    adir.mkdir(parents=True)
+    (adir / "srun.log").write_text("slurmstepd: error: execve(): /opt/nope/bin/python: No such file or directory\n"
+                                   "srun: error: n1: task 0: Exited with exit code 2\n")
+    rc = publish(adir, 2, parse_sacct("42|FAILED|127:0|NonZeroExitCode|n[1-2]\n")["42"], adir / "srun.log")
     error = channel.read_json(adir / "error-rank0.json")
     outcome = Outcome(returncode=rc, agent=channel.read_json(adir / "agent.json"), error=error)
     assert rc == 127 and classify(outcome) is Failure.USER_ERROR
-    assert "failed before any node started training" in error["message"] and "module: command not found" in \
+    assert "failed before any node started training" in error["message"] and "No such file or directory" in \
         error["message"]
 
 
-def test_a_silent_controller_is_waited_for_but_a_vanished_job_is_lost(tmp_path):
-    fake, clock = FakeSlurm({}), Clock()
-    fake.down = True
-    backend = SlurmBackend(runner=fake, clock=clock)
-    adir = _attempt_dir(tmp_path, {0: {"node.json": {"started": 1}}})
-    handle = AttemptHandle("job", 1, 0, str(adir), external_id="42")
-    for _ in range(3):
-        assert backend.poll(handle) is None
-        clock.t += 100                                   # far beyond LOST_AFTER_S: still no guess
-    fake.down = False                                    # it answers: nobody knows job 42 any more
-    assert backend.poll(handle) == 1
-    agent = channel.read_json(adir / "agent.json")
-    assert agent["nodes_without_record"] == 1 and classify(Outcome(returncode=1, agent=agent)) is Failure.WORKER_LOST
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_queue_batches_and_backs_off():
+    states = {"1": "RUNNING", "2": "PENDING", "3": "COMPLETED"}
+    calls = []
+
+    def runner(argv, input=None, timeout=60.0):
+        calls.append(argv)
+        ids = argv[-1].split("=", 1)[1].split(",")
+        if argv[0] == "squeue":
+            return 0, BANNER + "".join(f"{i}|{states[i]}|None|n1\n" for i in ids if i != "3"), ""
+        return 0, BANNER + "".join(f"{i}|{states[i]}|0:0|None|n1\n" for i in ids), ""
+
+    clock = Clock()
+    q = SlurmQueue(runner, clock, min_s=1.0, max_s=5.0)
+    for j in ("1", "2", "3"):
+        q.watch(j)
+    assert q.info("1").state == "RUNNING" and q.info("3").state == "COMPLETED"
+    assert [c[0] for c in calls] == ["squeue", "sacct"]               # one batched call each
+    assert calls[0][-1] == "--jobs=1,2,3" and calls[1][-1] == "--jobs=3"
+    intervals = []
+    for _ in range(5):
+        clock.t += 10
+        q.info("1")
+        intervals.append(q.interval)
+    assert intervals == [1.5, 2.25, 3.375, 5.0, 5.0]                  # nothing changes: back off
+    states["1"] = "COMPLETING"
+    clock.t += 10
+    q.info("1")
+    assert q.interval == 1.0                                          # a change: look again soon
+    assert "3" not in q._watched                                     # ended jobs are not asked about again
 
 
 ORPHANING = """\

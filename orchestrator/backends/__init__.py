@@ -10,10 +10,15 @@ def get_backend(name: str) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend()
-    if name == "slurm":  # issue 4
-        from .slurm import SlurmBackend
+    if name == "slurm":  # issue 11: attempts are job steps of the allocation the supervisor runs in
+        import os
 
-        return SlurmBackend()
+        from .slurm.steps import SlurmStepBackend
+
+        if not os.environ.get("SLURM_JOB_ID"):
+            raise ValueError("a SLURM job is supervised inside its allocation (orchestrator.supervise.in_allocation), "
+                             "not from a login node")
+        return SlurmStepBackend(os.environ["SLURM_JOB_ID"])
     raise ValueError(f"unknown backend {name!r}")
 
 

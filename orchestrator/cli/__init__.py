@@ -44,22 +44,29 @@ def main(argv: list[str] | None = None) -> int:
 def _warn_unsupervised(verb: str, named: str | None) -> None:
     """On stderr: every unfinished job whose supervisor is gone, with the command that adopts it."""
     from ..states import JobState
-    from ..store.lease import supervisor_health
+    from ..store.lease import supervisor_health, unsupervised
     from ..store.ledger import Ledger
-    from ..store.paths import ledger_path, orchestrate_home
+    from ..store.paths import orchestrate_home
 
-    path = ledger_path(orchestrate_home())
-    if not path.exists():
+    home = orchestrate_home()
+    if not (home / "runs").is_dir():
         return
     try:
-        jobs = Ledger(path).jobs([JobState.PENDING, JobState.RUNNING, JobState.RESUMING])
+        jobs = Ledger.for_home(home).jobs([JobState.PENDING, JobState.RUNNING, JobState.RESUMING])
     except Exception:  # noqa: BLE001 - a warning must never stop the verb itself
         return
     for job in jobs:
+        if job.backend == "slurm" and not job.state.is_terminal:
+            from ..supervise.remote import reconcile
+
+            said = reconcile(Ledger.for_home(home), job)
+            if said:
+                print(f"notice: job {job.id}: {said}", file=sys.stderr)
+                continue
         if verb in ("resume", "cancel") and named and job.id.startswith(named):
             continue  # the verb about to repair it
         health = supervisor_health(job.run_dir)
-        if health.missing(job.created):
+        if unsupervised(job, health):
             who = f" (pid {health.pid} on {health.host}, last heartbeat {health.heartbeat_age_s:.0f} s ago)" \
                 if health.pid else ""
             print(f"warning: job {job.id} is {job.state.value} but its supervisor is gone{who}; "

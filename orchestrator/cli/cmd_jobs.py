@@ -38,6 +38,16 @@ def submit(args) -> int:
             raise ConfigError(str(cfg.source), problems)
     ledger = open_ledger()
     job = create_job(cfg, plan, ledger)
+    if plan.backend == "slurm":   # issue 11: supervised inside its allocation; here we only submit and follow
+        from ..supervise import remote
+
+        slurm_job = remote.submit(ledger, job)
+        if args.detach:
+            print(job.id)
+            return EXIT_OK
+        print(f"job {job.id}: SLURM job {slurm_job}, run dir {job.run_dir}  (Ctrl-C cancels the job; closing "
+              "this terminal does not)", file=sys.stderr)
+        return follow_remote(ledger, job)
     lease = take_job(job)  # a new job: nobody else can hold it
     if args.detach:
         detach(job, lease, resume=False)
@@ -66,6 +76,18 @@ def run_foreground(ledger, job, lease, resume: bool) -> int:
     return {JobState.COMPLETED: EXIT_OK, JobState.CANCELLED: EXIT_CANCELLED}.get(state, EXIT_FAILED)
 
 
+def follow_remote(ledger, job) -> int:
+    """Follow a job supervised elsewhere (inside its SLURM allocation) beside its live view."""
+    from ..dashboard.live import LiveView
+    from ..states import JobState
+    from ..supervise import remote
+    from ..supervise.control import cancel as cancel_job
+
+    with LiveView(ledger, job.id) as view:
+        state = remote.follow(ledger, job, view.event, lambda: cancel_job(ledger, ledger.get(job.id)))
+    return {JobState.COMPLETED: EXIT_OK, JobState.CANCELLED: EXIT_CANCELLED}.get(state, EXIT_FAILED)
+
+
 def resume(args) -> int:
     """``orchestrate resume JOB``: take the job over (its attempt may still run) or rerun it.
 
@@ -78,6 +100,11 @@ def resume(args) -> int:
     ledger = open_ledger()
     job = resolve_job(ledger, args.job)
     check_resumable(job)
+    if job.backend == "slurm":   # issue 11: a new allocation (unless it has one); its supervisor runs inside
+        from ..supervise import remote
+
+        print(remote.resume(ledger, job))
+        return EXIT_OK if args.detach else follow_remote(ledger, ledger.get(job.id))
     try:
         lease = take_job(job)
     except LeaseBusy as busy:

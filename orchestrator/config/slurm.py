@@ -27,6 +27,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "partition": (None, "a partition name (or a comma-separated list)"),
     "time": (None, "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (or whole minutes)"),
     "nodes": (1, "a whole number >= 1"),
+    "min_nodes": (None, "a whole number >= 1, at most nodes: go on with this many when nodes fail (default: nodes)"),
     "gpus_per_node": (0, "a whole number >= 0"),
     "cpus_per_task": (None, "a whole number >= 1 (one task per node runs torchrun and all its ranks)"),
     "mem": (None, "memory per node: a whole number with an optional K, M, G or T suffix (plain: MB)"),
@@ -61,7 +62,7 @@ MANAGED_OPTIONS = {
     "constraint": "constraint", "exclusive": "exclusive", "mem": "mem", "gpus-per-node": "gpus_per_node",
     "cpus-per-task": "cpus_per_task", "signal": "signal", "job-name": None, "ntasks": None,
     "ntasks-per-node": None, "output": None, "error": None, "open-mode": None, "requeue": None,
-    "no-requeue": None, "array": None, "wrap": None, "export": None,
+    "no-requeue": None, "no-kill": None, "kill-on-invalid-dep": None, "array": None, "wrap": None, "export": None,
 }
 
 
@@ -153,6 +154,9 @@ def parse_slurm(raw: Any, *, required: bool, dirs: list[Path] | None = None) -> 
     own = _check_fields(raw, "launch.slurm.", problems, profile=False)
     extra = {**merged.get("extra", {}), **own.get("extra", {})}
     settings = {**defaults(), **merged, **own, "extra": extra, "profile": name}
+    if settings.get("min_nodes") is not None and settings["min_nodes"] > settings["nodes"]:
+        problems.append(f"launch.slurm.min_nodes: {settings['min_nodes']} is more than launch.slurm.nodes "
+                        f"({settings['nodes']})")
     if settings["time"] is not None:
         seconds, _ = parse_time(settings["time"])
         settings["time_min"] = time_minutes(seconds) if seconds else None
@@ -204,7 +208,7 @@ def _check_value(key: str, value: Any, path: str) -> tuple[str | None, Any]:
     if key == "time":
         _, problem = parse_time(value)
         return (f"{path}: {problem}" if problem else None), (str(value).strip() if not problem else None)
-    if key in ("nodes", "gpus_per_node", "cpus_per_task", "signal_delay_s"):
+    if key in ("nodes", "min_nodes", "gpus_per_node", "cpus_per_task", "signal_delay_s"):
         low, high = {"gpus_per_node": 0, "signal_delay_s": 1}.get(key, 1), 65535
         ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
         return (None, value) if ok else (bad, None)

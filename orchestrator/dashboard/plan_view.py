@@ -81,27 +81,37 @@ def performance_lines(record: Mapping[str, Any]) -> list[str]:
 
 
 def slurm_lines(plan, attempt: int = 1) -> list[str]:
-    """The SLURM part of ``orchestrate submit --dry-run``: sbatch script, per-node command and layout."""
+    """The SLURM part of ``orchestrate submit --dry-run``: the allocation, its supervisor, each attempt's step."""
     s = plan.slurm
-    port = f"<{slurm_plan.RDZV_PORT_BASE} + job id % {slurm_plan.RDZV_PORT_SPAN}>"
-    argv = slurm_plan.node_argv(plan, attempt, node="<node>", nnodes=plan.nnodes, endpoint=f"<first node address>:{port}",
-                     rdzv_id="<SLURM job id>", python=slurm_plan.job_python(plan))
+    port = f"<{slurm_plan.RDZV_PORT_BASE} + (7 x job id + attempt) % {slurm_plan.RDZV_PORT_SPAN}>"
+    nodes = [f"<node {k + 1}>" for k in range(plan.nnodes)]
+    step = slurm_plan.step_argv(plan, attempt, nodes, slurm_plan.job_python(plan))
+    argv = slurm_plan.node_argv(plan, attempt, node="<node>", nnodes=plan.nnodes,
+                                endpoint=f"<first node address>:{port}", rdzv_id="<SLURM job id>-<attempt>",
+                                python=slurm_plan.job_python(plan))
     env = slurm_plan.node_env(plan, attempt, None, node="<node>", slurm_job_id="<SLURM job id>")
-    lines = [
-        f"slurm           profile {s.get('profile') or '(none)'}; {plan.nnodes} node(s) x 1 task; "
-        f"{s.get('gpus_per_node') or 0} GPU(s) per node; time limit {s['time_min']} min; "
-        f"{s['signal']} {s['signal_delay_s']} s before the limit, to every process; no SLURM requeue",
-        f"submit          sbatch --parsable {slurm_plan.submitit_folder(plan, attempt)}/<job id>_submission.sh "
+    min_nodes = slurm_plan.min_nodes(plan)
+    return [
+        f"slurm           profile {s.get('profile') or '(none)'}; {plan.nnodes} node(s) x 1 task "
+        f"(goes on with at least {min_nodes}); {s.get('gpus_per_node') or 0} GPU(s) per node; time limit "
+        f"{s['time_min']} min; {s['signal']} {s['signal_delay_s']} s before the limit to the running step, "
+        "then requeue",
+        "supervision     inside the allocation: its batch step runs the supervisor "
+        "(python -m orchestrator.supervise.in_allocation); each attempt is a job step (srun) of it, so a "
+        "crash restarts in place; the login node only submits and follows",
+        f"submit          sbatch --parsable {slurm_plan.submitit_folder(plan)}/<job id>_submission.sh "
         "(through submitit)",
         "sbatch script",
-        *["  " + line for line in slurm_plan.sbatch_script(plan, attempt).rstrip("\n").splitlines()],
-        "per-node command  (node <node> = SLURM_NODEID; the job fills in what is in <>)",
+        *["  " + line for line in slurm_plan.sbatch_script(plan).rstrip("\n").splitlines()],
+        f"attempt step    (attempt {attempt}, on the nodes it gets)",
+        "  " + shlex.join(step),
+        "per-node command  (node <node> = SLURM_NODEID of the step; the step fills in what is in <>)",
         "  " + shlex.join(argv),
-        "per-node environment (added to the submitting environment, which sbatch passes on)",
+        "per-node environment (added to the job's environment, which sbatch and srun pass on)",
         *[f"  {k}={shlex.quote(v)}" for k, v in sorted(env.items())],
         "slurm paths",
-        f"  submitit        {slurm_plan.submitit_folder(plan, attempt)}",
+        f"  submitit        {slurm_plan.submitit_folder(plan)}",
+        f"  step spec       {slurm_plan.step_spec_path(plan, attempt)}",
         f"  node records    {slurm_plan.node_dir(plan, attempt, '<node>')}",
         f"  rank logs       {slurm_plan.node_log_dir(plan, attempt, '<node>')}",
     ]
-    return lines

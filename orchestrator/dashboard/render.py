@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..states import JobState
-from ..store.lease import SupervisorHealth
+from ..store.lease import SupervisorHealth, unsupervised
 from ..store.ledger import Job
 from ..store.logs import FirstError
 from ..store.progress import ProgressState
@@ -53,7 +53,7 @@ class Snapshot:
 
 def supervisor_gone(s: Snapshot) -> bool:
     """An unfinished job whose supervisor is gone (dead, stopped, never started): it needs ``resume``."""
-    return not s.job.state.is_terminal and s.supervisor is not None and s.supervisor.missing(s.job.created, s.now)
+    return s.supervisor is not None and unsupervised(s.job, s.supervisor, s.now)
 
 
 def phase_text(s: Snapshot) -> str | None:
@@ -74,6 +74,8 @@ def supervisor_line(s: Snapshot) -> Text:
             else "none ever started"
         return Text.assemble(("GONE", "bold red"), f" ({who}): the job is not supervised; run ",
                              (f"orchestrate resume {s.job.id}", "bold"))
+    if s.job.backend == "slurm" and not s.job.state.is_terminal and (sup is None or not sup.alive):
+        return Text(f"inside its SLURM allocation, when it runs (SLURM job {s.job.scheduler_job_id or '?'})")
     if sup is None or s.job.state.is_terminal or not sup.alive:
         return Text("-")
     return Text(f"pid {sup.pid} on {sup.host}, heartbeat {sup.heartbeat_age_s:.0f} s ago")

@@ -1,24 +1,37 @@
 """Pure SLURM planning: (LaunchPlan, its ``slurm`` settings) -> what submitit submits and
-what each node runs.
+what each step and node runs.
+
+A job on SLURM is one allocation whose batch step runs the supervisor (the same loop as
+locally); every attempt is a job step of that allocation, started with ``srun``, so a
+restart after a crash does not go back to the queue.
 
 * :func:`slurm_layout`: nodes, processes per node and device from the *allocation*
   (GPUs per node; on CPU-only nodes the configured count), not from the submitting host.
-* :func:`executor_parameters`: the parameters of submitit's ``SlurmExecutor``.
-* :func:`sbatch_script`: the exact script submitit writes for them (``--dry-run`` prints it).
+* :func:`executor_parameters` / :func:`sbatch_script`: the allocation as submitit submits it
+  (``--dry-run`` prints the script).
+* :func:`step_argv`: ``srun`` of one attempt on the nodes it gets.
 * :func:`node_argv` / :func:`node_env`: the torchrun command and environment of one node
-  (static rendezvous: node rank from SLURM, the TCP store on the first node, a job-derived port).
-  Only the job knows its node rank, job id and first node's address, so the job calls these
-  with them (``backends/slurm/node.py``) and ``--dry-run`` calls them with placeholders.
+  (static rendezvous: node rank from SLURM, the TCP store on the first node, a port from the
+  job id and the attempt). Only the step knows its node rank and first node's address, so
+  the node launcher calls these with them (``backends/slurm/node.py``) and ``--dry-run``
+  calls them with placeholders.
+
+Run directory of a SLURM job (besides what every job has)::
+
+    slurm/             submitit's folder: <jobid>_submission.sh, pickle, <jobid>_0_log.{out,err}
+                       (the supervisor's output), allocations.jsonl (every allocation the job had),
+                       nodes.json (failures per node; a node that failed twice is excluded)
 
 Attempt directory of a SLURM attempt (``RunPaths.attempt_dir``)::
 
-    slurm/             submitit's folder: <jobid>_submission.sh, pickles, <jobid>_<task>_log.{out,err}
-    slurm.json         the SLURM job id and, once it ended, its final state (the backend writes it)
+    step.json          what each node's launcher reads (plan, attempt, resume point)
+    slurm.json         the allocation, step id, nodes and, once it ended, the step's final state
+    srun.log           srun's own output
     nodes/<k>/         node k's ORCHESTRATE_ATTEMPT_DIR: torchrun.log, agent.json, node.json,
                        status.json (the node of global rank 0), error-rank<R>.json
     ranks/node<k>/     torchrun --log-dir of node k: every rank's stdout/stderr (global rank =
                        k * nproc_per_node + local rank)
-    agent.json status.json error-rank<R>.json   merged from nodes/ when the job ended
+    agent.json status.json error-rank<R>.json   merged from nodes/ when the step ended
 """
 from __future__ import annotations
 
@@ -30,7 +43,7 @@ from typing import Any, Mapping
 from ..worker import channel
 from .launch_plan import AGENT_MODULE
 
-RDZV_PORT_BASE = 20000   # c10d port = base + job id % span: the same on every node and across requeues
+RDZV_PORT_BASE = 20000   # c10d port = base + (job id, attempt) % span: the same on every node of a step
 RDZV_PORT_SPAN = 10000
 SUBMITIT_DIR = "slurm"
 NODES_DIR = "nodes"
@@ -38,7 +51,8 @@ JOB_RECORD = "slurm.json"
 NODE_RECORD = "node.json"
 ENV_SLURM_JOB = "ORCHESTRATE_SLURM_JOB_ID"
 ENV_NODE = "ORCHESTRATE_NODE"
-SRUN_ARGS = ("--kill-on-bad-exit=1",)   # one node failing ends the step on every node
+NODE_MODULE = "orchestrator.backends.slurm.node"
+STEP_SPEC = "step.json"
 
 
 @dataclass(frozen=True)
@@ -88,11 +102,11 @@ def path_problems(paths: Mapping[str, str]) -> list[str]:
             for what, p in paths.items() if "\n" in p or "\r" in p]
 
 
-# ---- paths -------------------------------------------------------------------------------
+# ---- paths ----------------------------------------------------------------------------------
 
-def submitit_folder(plan, attempt: int) -> Path:
-    """submitit's folder of an attempt: the sbatch script, pickles and its per-task logs."""
-    return Path(plan.paths.attempt_dir(attempt)).absolute() / SUBMITIT_DIR
+def submitit_folder(plan) -> Path:
+    """submitit's folder of the job: every allocation's sbatch script, pickles and batch logs."""
+    return Path(plan.run_dir).absolute() / SUBMITIT_DIR
 
 
 def node_dir(plan, attempt: int, node: int | str) -> Path:
@@ -105,36 +119,48 @@ def node_log_dir(plan, attempt: int, node: int | str) -> Path:
     return plan.paths.rank_log_dir(attempt) / f"node{node}"
 
 
-def rendezvous_port(slurm_job_id: str) -> int:
-    """A port derived from the job id: every node computes the same, and a requeue keeps it."""
+def rendezvous_port(slurm_job_id: str, attempt: int | str = 0) -> int:
+    """A port every node of a step computes alike: from the job id and the attempt (a step after a
+    failed one in the same allocation does not wait for the old store's port to be released)."""
     digits = "".join(ch for ch in str(slurm_job_id) if ch.isdigit()) or "0"
-    return RDZV_PORT_BASE + int(digits) % RDZV_PORT_SPAN
+    n = int(attempt) if str(attempt).isdigit() else 0
+    return RDZV_PORT_BASE + (int(digits) * 7 + n) % RDZV_PORT_SPAN
 
 
-# ---- submitit ----------------------------------------------------------------------------
+def min_nodes(plan) -> int:
+    """The fewest nodes the job may go on with after node failures (``launch.slurm.min_nodes``)."""
+    return int(plan.slurm.get("min_nodes") or plan.nnodes)
+
+
+# ---- the allocation (submitit) ----------------------------------------------------------------
 
 def job_python(plan) -> str:
-    """The interpreter that runs submitit (and so the node's launcher) inside the job."""
+    """The interpreter that runs submitit (and so the supervisor and each node's launcher) inside the job."""
     return plan.slurm.get("python") or plan.python
 
 
-def executor_parameters(plan, attempt: int) -> dict[str, Any]:
-    """Keyword arguments of ``SlurmExecutor.update_parameters`` for one attempt of this plan."""
+def executor_parameters(plan) -> dict[str, Any]:
+    """Keyword arguments of ``SlurmExecutor.update_parameters`` for the job's allocation.
+
+    The batch step runs the supervisor itself (``use_srun: False``: in the batch shell, on the first
+    node); every attempt is a job step it starts with ``srun`` (:func:`step_argv`). ``--requeue``: after
+    the time-limit signal the supervisor requeues the job (``scontrol requeue``), which then continues
+    in a new allocation under the same SLURM job id. ``--no-kill``: the loss of a node does not end the
+    allocation; the supervisor goes on without it. ``--signal``: the ranks of the running step get it.
+    """
     s = plan.slurm
     params: dict[str, Any] = {
         "job_name": plan.name,
-        "comment": f"orchestrate {plan.job_id} attempt {attempt}",   # squeue -o %k shows whose job it is
+        "comment": f"orchestrate {plan.job_id}",   # squeue -o %k shows whose job it is
         "time": int(s["time_min"]),
         "nodes": plan.nnodes,
-        "ntasks_per_node": 1,           # one launcher per node; it runs torchrun, which runs the ranks
+        "ntasks_per_node": 1,           # one launcher per node in each step; it runs torchrun, which runs the ranks
         "signal_delay_s": int(s["signal_delay_s"]),
         "setup": list(s.get("setup") or []),
-        "srun_args": list(SRUN_ARGS),
+        "use_srun": False,
         "wckey": None,                  # submitit's default "submitit" is rejected where wckeys are enforced
-        # --no-requeue: SLURM never reruns an attempt by itself (the supervisor resumes it from the newest
-        # verified checkpoint, within its budget). --signal: every process of the step gets it.
-        "additional_parameters": {"signal": f"{s['signal']}@{int(s['signal_delay_s'])}", "no-requeue": True,
-                                  **dict(s.get("extra") or {})},
+        "additional_parameters": {"signal": f"{s['signal']}@{int(s['signal_delay_s'])}", "requeue": True,
+                                  "no-kill": True, **dict(s.get("extra") or {})},
     }
     if plan.device == "cuda":
         params["gpus_per_node"] = int(s["gpus_per_node"])
@@ -147,17 +173,36 @@ def executor_parameters(plan, attempt: int) -> dict[str, Any]:
 
 
 def submit_command(python: str, folder: Path) -> str:
-    """What submitit runs on every task (``SlurmExecutor._submitit_command_str``)."""
+    """What submitit runs in the batch step (``SlurmExecutor._submitit_command_str``)."""
     return " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
 
 
-def sbatch_script(plan, attempt: int) -> str:
-    """The exact sbatch script submitit writes for this attempt (``%j`` is filled in by SLURM)."""
+def sbatch_script(plan) -> str:
+    """The exact sbatch script submitit writes for the job's allocation (``%j`` is filled in by SLURM)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    folder = submitit_folder(plan, attempt)
+    folder = submitit_folder(plan)
     return _make_sbatch_string(command=submit_command(job_python(plan), folder), folder=folder,
-                               **executor_parameters(plan, attempt))
+                               **executor_parameters(plan))
+
+
+def step_argv(plan, attempt: int, nodes: list[str], python: str) -> list[str]:
+    """``srun``: attempt ``attempt`` as a job step on ``nodes`` of the allocation, one launcher per node.
+
+    ``--kill-on-bad-exit``: one node failing ends the step on every node (no rank left blocked in a
+    collective). ``--overlap``: the step may use the CPUs the batch step (the supervisor) shares.
+    """
+    cpus = plan.slurm.get("cpus_per_task")
+    return ["srun", f"--nodes={len(nodes)}", f"--ntasks={len(nodes)}", "--ntasks-per-node=1",
+            f"--nodelist={','.join(nodes)}", "--kill-on-bad-exit=1", "--overlap", "--unbuffered",
+            f"--job-name=orchestrate-{plan.job_id}-a{attempt}",
+            *([f"--cpus-per-task={int(cpus)}"] if cpus else []),
+            python, "-u", "-m", NODE_MODULE, str(step_spec_path(plan, attempt))]
+
+
+def step_spec_path(plan, attempt: int) -> Path:
+    """What each node's launcher reads: the plan, the attempt, where it resumes from."""
+    return plan.paths.attempt_dir(attempt) / STEP_SPEC
 
 
 # ---- inside the job ----------------------------------------------------------------------

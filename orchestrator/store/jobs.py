@@ -5,12 +5,12 @@ from pathlib import Path
 
 from ..errors import JobError
 from .ledger import Job, Ledger
-from .paths import ledger_path, orchestrate_home
+from .paths import orchestrate_home
 
 
 def open_ledger(home: Path | None = None) -> Ledger:
     """The ledger of ``home`` (default: ``$ORCHESTRATE_HOME`` or ``~/.orchestrate``)."""
-    return Ledger(ledger_path(home or orchestrate_home()))
+    return Ledger.for_home(home or orchestrate_home())
 
 
 def resolve_job(ledger: Ledger, ref: str) -> Job:

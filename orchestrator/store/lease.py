@@ -354,3 +354,16 @@ def supervisor_health(run_dir, now: float | None = None) -> SupervisorHealth:
         return SupervisorHealth(alive=False)
     return SupervisorHealth(alive=record.alive(now), host=record.owner.host, pid=record.owner.pid,
                             heartbeat_age_s=record.heartbeat_age(now), released=record.released)
+
+
+def unsupervised(job, health: SupervisorHealth, now: float | None = None) -> bool:
+    """An unfinished job nobody supervises, which ``orchestrate resume`` should take over.
+
+    A SLURM job waiting for its allocation (PENDING, or RESUMING after a requeue) has no supervisor
+    yet by design: the allocation's batch step will take the lease when it starts.
+    """
+    if job.state.is_terminal:
+        return False
+    if job.backend == "slurm" and job.state.value in ("PENDING", "RESUMING"):
+        return False
+    return health.missing(job.created, now)

@@ -2,11 +2,13 @@
 
 Layout under ``$ORCHESTRATE_HOME`` (default ``~/.orchestrate``)::
 
-    ledger.db                      SQLite ledger of jobs and attempts
+    index/<hostname>.db            this host's SQLite index of the jobs (rebuilt from runs/*/ledger/)
     runs/<job_id>/
         config.yaml                the config exactly as submitted
         worker_config.yaml         what the worker reads (no ``launch:``, keys translated)
         plan.json                  the frozen launch plan
+        ledger/job.json            the job's record (the truth), ledger/attempt-<n>.json each attempt's
+        lease/<gen>.json           who supervises the job (store/lease.py)
         progress.jsonl             the worker's progress records (all attempts)
         output/                    default ``output_dir`` (checkpoints, final model)
         attempts/<n>/
@@ -30,10 +32,6 @@ def orchestrate_home(environ: dict | None = None) -> Path:
     env = os.environ if environ is None else environ
     home = env.get(ENV_HOME) or os.path.join(os.path.expanduser("~"), ".orchestrate")
     return Path(home).expanduser().absolute()
-
-
-def ledger_path(home: Path) -> Path:
-    return home / "ledger.db"
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def attempt_handle(sup, record: AttemptRecord) -> AttemptHandle | None:
 
 
 def _end(sup, record: AttemptRecord, handle: AttemptHandle) -> None:
-    from .supervisor import attempt_outcome
+    from .outcome import attempt_outcome
 
     sup.kill(handle, grace_s=10.0)
     outcome = attempt_outcome(Path(handle.attempt_dir), sup.backend.poll(handle))

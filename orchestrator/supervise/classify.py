@@ -58,7 +58,7 @@ def classify(o: Outcome) -> Failure:
         return Failure.COMPLETED
     # A scheduler's verdict on what only it knows (cancelled from outside, node failure, time
     # limit, memory limit): the SLURM state table in backends/slurm/states.py, put into the merged
-    # agent.json by backends/slurm/backend.py (issue 4). None for a plain COMPLETED/FAILED job.
+    # agent.json by backends/slurm/records.py (issue 4). None for a plain COMPLETED/FAILED job.
     if (o.agent or {}).get("scheduler_failure"):
         return Failure(o.agent["scheduler_failure"])
     if o.agent is None and o.returncode not in (0, None, EXIT_STOPPED):

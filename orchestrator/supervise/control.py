@@ -150,10 +150,17 @@ def _cancel_here(ledger: Ledger, job: Job) -> None:
     lease = Lease.acquire(job.run_dir)
     try:
         plan = load_plan(job)
-        backend = get_backend(plan.backend)
+        if plan.backend == "slurm":   # its allocation waits in the queue (or is gone): scancel it
+            from .remote import cancel_unsupervised
+
+            if not cancel_unsupervised(job):
+                raise JobError(f"{job.id}: SLURM job {job.scheduler_job_id} is still in the queue after scancel")
+            backend = None
+        else:
+            backend = get_backend(plan.backend)
         sup = Supervisor(plan, ledger, backend, lease)
         for record in [a for a in job.attempts if a.is_open]:
-            handle = attempt_handle(sup, record)
+            handle = attempt_handle(sup, record) if backend is not None else None
             if handle is not None:
                 sup.kill(handle, grace_s=10.0)
             sup.write_attempt(record.n, ended=time.time(), failure=Failure.CANCELLED.value, gained_checkpoint=0)

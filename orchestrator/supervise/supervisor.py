@@ -25,12 +25,10 @@ from ..states import Failure, JobState
 from ..store import requests
 from ..store.lease import Lease, LeaseLost
 from ..store.ledger import RUNNING, FencedOut, Ledger
-from ..store.logs import earliest_error_record
 from ..store.progress import ProgressFollower, read_heartbeat
-from ..worker import channel
-from ..worker.checkpoints import list_checkpoints, newest_complete
-from . import disk
+from . import checkpoints, disk
 from .classify import Outcome, classify, job_state_after
+from .outcome import attempt_outcome, error_line
 from .policy import PastAttempt, decide
 from .watchdog import Watchdog
 
@@ -57,6 +55,8 @@ class Supervisor:
         self.cancel_reason = "cancelled by the user"
         self.hand_off_requested = False
         self.stop_requested: str | None = None
+        self.stop_decide: Callable[[], JobState | None] | None = None
+        self._attempt_n: int | None = None
         self._current: AttemptHandle | None = None
 
     # -- requests from signals and from other processes ----------------------------------
@@ -68,15 +68,23 @@ class Supervisor:
         """Hand the job to a background supervisor at the next poll, leaving the attempt running."""
         self.hand_off_requested = True
 
-    def request_stop(self, reason: str) -> None:
-        """Stop supervising at the next poll and release the lease; the job keeps running."""
-        self.stop_requested = reason
+    def request_stop(self, reason: str, decide: Callable[[], JobState | None] | None = None) -> None:
+        """Stop supervising at the next poll and release the lease; the job keeps running.
+
+        ``decide`` (asked at that poll) may say the job has ended meanwhile, e.g. CANCELLED when
+        SLURM ends the allocation on a user's ``scancel``: that state is recorded first.
+        """
+        self.stop_requested, self.stop_decide = reason, decide
 
     def _poll_requests(self) -> None:
         if self.stop_requested:
+            final = self.stop_decide() if self.stop_decide is not None else None
+            if final is not None:
+                self._end_open_attempt(final)
+                self._finish(final, self.stop_requested)
             self.lease.release()
-            raise LeaseLost(f"{self.stop_requested}; the job keeps running (orchestrate resume "
-                            f"{self.plan.job_id} takes it over)")
+            raise LeaseLost(f"{self.stop_requested}; " + (f"job {final.value}" if final else
+                            f"the job keeps running (orchestrate resume {self.plan.job_id} takes it over)"))
         if not self.cancel_requested and requests.pending(self.plan.run_dir, requests.CANCEL) is not None:
             self.request_cancel("cancelled by the user (orchestrate cancel)")
         if self.hand_off_requested and self.hand_off is not None:
@@ -148,6 +156,7 @@ class Supervisor:
         history = [] if fresh_budget else [
             PastAttempt(Failure(a.failure), bool(a.gained_checkpoint)) for a in job.attempts if a.failure]
         attempt = max((a.n for a in job.attempts), default=0) + (0 if reattach else 1)
+        last_failure = Failure(job.attempts[-1].failure) if job.attempts and job.attempts[-1].failure else None
         while True:
             self._poll_requests()
             if reattach is not None:
@@ -160,22 +169,26 @@ class Supervisor:
                 resume_from, stop_reason = self._resume_point()
                 if stop_reason:
                     return self._finish(JobState.FAILED, stop_reason)
+                if self._relocated(last_failure):
+                    return None
                 before = self._verified_step()
                 start_step = before or 0
                 handle = self._start(attempt, resume_from, start_step)
                 self._event(f"attempt {attempt} started" + (f", resuming from {resume_from}" if resume_from else ""))
-            self._current = handle
+            self._current, self._attempt_n = handle, attempt
             outcome, end_step = self._follow(handle, attempt)
             self._current = None
             failure = classify(outcome)
             gained = (self._verified_step() or 0) > (before or 0)
             history.append(PastAttempt(failure, gained))
             decision = decide(failure, history, self.plan.retry)
-            detail = _error_line(outcome)
+            detail = error_line(outcome)
             if failure is Failure.DISK_FULL:
                 detail = self._disk_full(detail)
+            facts_of = getattr(self.backend, "attempt_facts", None)   # e.g. the SLURM step id, known by now
             self.write_attempt(attempt, ended=time.time(), exit_code=outcome.returncode, failure=failure.value,
-                                end_step=end_step, gained_checkpoint=int(gained), message=detail or None)
+                               end_step=end_step, gained_checkpoint=int(gained), message=detail or None,
+                               **({"external_id": facts_of(handle).get("external_id")} if facts_of else {}))
             state = job_state_after(failure, decision.retry)
             self._event(f"attempt {attempt} ended: {failure.value}" + (f" ({detail})" if detail else "")
                         + f"; {decision.reason}")
@@ -189,6 +202,7 @@ class Supervisor:
             self.write_job(state=JobState.RESUMING)
             self._wait(decision.wait_s)
             attempt += 1
+            last_failure = failure
 
     def _start(self, attempt: int, resume_from: str | None, start_step: int) -> AttemptHandle:
         """Write the attempt ahead (STARTING), start it, then record who runs it (RUNNING)."""
@@ -197,10 +211,44 @@ class Supervisor:
         self.ledger.start_attempt(job_id, attempt, resumed_from=resume_from, start_step=start_step,
                                   fence=self.lease.gen)
         handle = self.backend.start(self.plan, attempt, resume_from)
-        self.write_attempt(attempt, status=RUNNING, pid=handle.pid or None, pid_start=handle.pid_start,
-                            host=handle.host, external_id=handle.external_id)
+        self.write_attempt(attempt, **{"status": RUNNING, "pid": handle.pid or None, "pid_start": handle.pid_start,
+                                       "host": handle.host, "external_id": handle.external_id,
+                                       "world_size": self.plan.world_size, **self._facts(handle, attempt)})
         self.write_job(state=JobState.RUNNING)
         return handle
+
+    def _facts(self, handle: AttemptHandle, attempt: int) -> dict:
+        """Where the attempt runs (a scheduler's allocation and nodes), and whether it restarted in place."""
+        facts_of = getattr(self.backend, "attempt_facts", None)
+        if facts_of is None:
+            return {}
+        facts = facts_of(handle)
+        if not any(a.n < attempt for a in self.ledger.get(self.plan.job_id).attempts):
+            facts.pop("in_place", None)   # the first attempt neither restarted in place nor went through the queue
+        return facts
+
+    def _relocated(self, last_failure: Failure | None) -> bool:
+        """Ask the backend where the next attempt runs; if in a new allocation, hand the job over to it."""
+        place = getattr(self.backend, "placement", None)
+        if place is None:
+            return False
+        where = place(self.plan, last_failure)
+        if not where.relocate:
+            return False
+        self._event(f"continuing in a new allocation: {where.relocate}")
+        self.write_job(state=JobState.RESUMING)
+        self.lease.release()   # the next allocation's supervisor takes it at once
+        done, new_allocation = self.backend.relocate(self.plan, where)
+        if new_allocation:   # the lease is released: nothing else writes until the new allocation runs
+            self.ledger.update_job(self.plan.job_id, scheduler_job_id=new_allocation, message=done)
+        self.on_event(done)
+        return True
+
+    def _end_open_attempt(self, failure_state: JobState) -> None:
+        if self._attempt_n is not None and self._current is not None:
+            self.write_attempt(self._attempt_n, ended=time.time(), failure=Failure(failure_state.value).value
+                               if failure_state.value in Failure.__members__ else Failure.CANCELLED.value,
+                               gained_checkpoint=0)
 
     def _finish(self, state: JobState, message: str) -> JobState:
         self.write_job(state=state, message=message, supervisor_pid=None)
@@ -238,42 +286,14 @@ class Supervisor:
                     f"(see {Path(self.plan.run_dir) / 'supervisor.log'})")
 
     def _disk_full(self, detail: str) -> str:
-        incomplete = [c.path for c in newest_complete(self.plan.output_dir)[1]]
-        moved = disk.move_aside(self.plan.output_dir, incomplete)
-        aside = f"; incomplete {', '.join(p.name for p in incomplete)} moved to {moved[0].parent}" if moved else ""
-        return f"{disk.disk_full_message(self.plan.output_dir)}{aside} ({detail})" if detail else \
-            disk.disk_full_message(self.plan.output_dir) + aside
+        return checkpoints.disk_full_detail(self.plan.output_dir, detail)
 
-    # -- checkpoints -------------------------------------------------------------
     def _verified_step(self) -> int | None:
-        good, _ = newest_complete(self.plan.output_dir)
-        return good.step if good else None
+        return checkpoints.verified_step(self.plan.output_dir)
 
     def _resume_point(self) -> tuple[str | None, str | None]:
         """``(checkpoint to resume from or None, reason to stop instead)``."""
-        good, skipped = newest_complete(self.plan.output_dir)
-        # Every attempt so far started from scratch: the checkpoints are their saves cut short, so
-        # starting from scratch again loses no verified work (it is not the silent restart refused below).
-        attempts = self.ledger.get(self.plan.job_id).attempts
-        own_only = bool(attempts) and all(a.resumed_from is None for a in attempts)
-        scratch_ok = self.plan.retry.restart_from_scratch or own_only
-        if good or (skipped and scratch_ok):
-            # A save cut short: out of the way, so that the next attempt writes into a clean folder.
-            moved = disk.move_aside(self.plan.output_dir, [c.path for c in skipped])
-            for check, where in zip(skipped, moved):
-                self._event(f"skipping {check.path.name}: {check.reason}; moved to {where}")
-        else:
-            for check in skipped:
-                self._event(f"skipping {check.path.name}: {check.reason}")
-        if good:
-            return str(good.path), None
-        given = self.plan.worker_config.get("resume_from_checkpoint")
-        if isinstance(given, str) and given.lower() not in ("", "true", "false", "none"):
-            return given, None  # the user's own starting point (e.g. a checkpoint of a manual run)
-        if list_checkpoints(self.plan.output_dir) and not scratch_ok:
-            return None, (f"checkpoints exist in {self.plan.output_dir} but none is complete; not starting "
-                          "over silently (set launch.retry.restart_from_scratch: true to allow it)")
-        return None, None
+        return checkpoints.resume_point(self.plan, self.ledger.get(self.plan.job_id).attempts, self._event)
 
     def _attempt_start_step(self, attempt: int) -> int:
         job = self.ledger.get(self.plan.job_id)
@@ -340,25 +360,3 @@ class Supervisor:
     def _outcome(self, handle: AttemptHandle, rc: int | None, stalled: bool, cancelled: bool) -> Outcome:
         return attempt_outcome(Path(handle.attempt_dir), rc, stalled=stalled, cancelled=cancelled,
                                output_dir=self.plan.output_dir)
-
-
-def attempt_outcome(attempt_dir: Path, rc: int | None, *, stalled: bool = False, cancelled: bool = False,
-                    output_dir: str | None = None) -> Outcome:
-    """Everything the attempt directory says about how the attempt ended (and how full the disk is)."""
-    status = channel.read_json(attempt_dir / channel.STATUS_FILE) or {}
-    found = earliest_error_record(attempt_dir)
-    low = bool(output_dir) and rc not in (0, None) and disk.disk_low(output_dir)
-    return Outcome(returncode=rc, agent=channel.read_json(attempt_dir / channel.AGENT_RECORD_FILE),
-                   worker_state=status.get("state"), error=found[0] if found else None,
-                   stalled=stalled, cancelled=cancelled, disk_low=low)
-
-
-def _error_line(o: Outcome) -> str:
-    for rank, f in sorted(((o.agent or {}).get("failures") or {}).items()):
-        if f.get("signal") and f["signal"] != "SIGTERM":  # SIGTERM: torchrun ending the survivors
-            return f"rank {rank} killed by {f['signal']}"
-    if o.error:
-        return f"rank {o.error.get('rank')}: {o.error.get('type')}: {str(o.error.get('message', ''))[:300]}"
-    if o.agent is None and o.returncode not in (0, None):
-        return f"torchrun agent ended with status {o.returncode} and left no record"
-    return ""

@@ -1,7 +1,8 @@
-"""The code that runs *inside* a SLURM job, once per node (one task per node).
+"""The code that runs in each task of an attempt's job step, once per node.
 
-submitit unpickles :func:`run_node` on every task of the job. It reads the node rank, the
-node list and the job id from ``submitit.JobEnvironment``, builds this node's torchrun
+``srun`` (started by the supervisor in the batch step, :mod:`.steps`) runs
+``python -m orchestrator.backends.slurm.node STEP_SPEC`` on every node of the step. It reads
+the node rank, the node list and the job id from SLURM's step environment, builds this node's torchrun
 command (``plan.slurm.node_argv``: static rendezvous, the store on the first node's address, a port
 derived from the job id) and runs ``python -m orchestrator.worker.agent`` with it, the same
 launcher and worker as locally.
@@ -39,24 +40,40 @@ class NodeFailed(RuntimeError):
     in a collective."""
 
 
-def run_node(spec: dict) -> dict:
-    """Run this node's share of attempt ``spec["attempt"]``; return (and write) its node record."""
-    import submitit
+def step_environment(environ=None) -> tuple[int, int, str, str | None, list[str]]:
+    """``(node rank, nodes, SLURM job id, step id, hostnames)`` of this task of a job step."""
+    env = os.environ if environ is None else environ
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or socket.gethostname()
+    return (int(env.get("SLURM_NODEID", "0")), int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1),
+            str(env.get("SLURM_JOB_ID", "0")), env.get("SLURM_STEP_ID"), expand_hostnames(nodelist))
 
+
+def expand_hostnames(nodelist: str, run=subprocess.run) -> list[str]:
+    """``n[1-3]`` -> ``[n1, n2, n3]`` (``scontrol show hostnames``; a plain list is split by hand)."""
+    if "[" not in nodelist:
+        return [h for h in nodelist.split(",") if h]
+    out = run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    names = out.stdout.split()
+    if out.returncode != 0 or not names:
+        raise RuntimeError(f"cannot expand the node list {nodelist!r}: {out.stderr.strip()}")
+    return names
+
+
+def run_node(spec: dict, environ=None) -> dict:
+    """Run this node's share of attempt ``spec["attempt"]`` (a task of its job step); return its node record."""
     from ...plan import LaunchPlan
 
-    job_env = submitit.JobEnvironment()
     plan = LaunchPlan.from_dict(spec["plan"])
     attempt, resume_from = int(spec["attempt"]), spec.get("resume_from")
-    node, nnodes, slurm_job = job_env.node, job_env.num_nodes, str(job_env.job_id)
+    node, nnodes, slurm_job, step, hostnames = step_environment(environ)
     ndir = slurm_plan.node_dir(plan, attempt, node)
     ndir.mkdir(parents=True, exist_ok=True)
     record: dict = {"node": node, "nnodes": nnodes, "hostname": socket.gethostname(), "slurm_job_id": slurm_job,
-                    "pid": os.getpid(), "started": time.time()}
+                    "slurm_step_id": step, "nodes": hostnames, "pid": os.getpid(), "started": time.time()}
     channel.write_json_atomic(ndir / slurm_plan.NODE_RECORD, record)
-    endpoint = f"{first_node_address(list(job_env.hostnames))}:{slurm_plan.rendezvous_port(slurm_job)}"
-    argv = slurm_plan.node_argv(plan, attempt, node=node, nnodes=nnodes, endpoint=endpoint, rdzv_id=slurm_job,
-                                python=sys.executable)
+    endpoint = f"{first_node_address(hostnames)}:{slurm_plan.rendezvous_port(slurm_job, attempt)}"
+    argv = slurm_plan.node_argv(plan, attempt, node=node, nnodes=nnodes, endpoint=endpoint,
+                                rdzv_id=f"{slurm_job}-{attempt}", python=sys.executable)
     env = {**os.environ, **slurm_plan.node_env(plan, attempt, resume_from, node=node, slurm_job_id=slurm_job)}
     record.update(endpoint=endpoint, argv=argv)
     rc, received = run_agent(argv, env, plan.workdir, ndir / AGENT_LOG)
@@ -65,6 +82,21 @@ def run_node(spec: dict) -> dict:
     if rc not in (0, channel.EXIT_STOPPED):
         raise NodeFailed(f"node {node}: torchrun ended with status {rc}; see {ndir / AGENT_LOG}")
     return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m orchestrator.backends.slurm.node STEP_SPEC``: one task of an attempt's job step."""
+    argv = sys.argv[1:] if argv is None else argv
+    spec = channel.read_json(argv[0])
+    if spec is None:
+        print(f"orchestrate: no step spec at {argv[0]}", file=sys.stderr)
+        return 2
+    try:
+        run_node(spec)
+    except NodeFailed as exc:
+        print(f"orchestrate: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_agent(argv: list[str], env: dict, cwd: str, log_path: Path,
@@ -179,3 +211,7 @@ def first_node_address(hostnames: list[str], run=subprocess.run) -> str:
         return fallback
     raise RuntimeError(f"cannot find the address of node {name!r} (it does not resolve and scontrol "
                        "does not know it)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

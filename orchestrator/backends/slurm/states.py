@@ -159,6 +159,28 @@ def parse_sacct(text: str) -> dict[str, JobInfo]:
     return out
 
 
+_STEP_ID = re.compile(r"^\d+(?:_\d+)?\.\d+$")
+
+
+def sacct_step_argv(step_ids: list[str]) -> list[str]:
+    """``sacct`` for job steps (``JOBID.STEPID``)."""
+    return ["sacct", "--parsable2", "--noheader", "--format=" + ",".join(SACCT_FIELDS), "--jobs=" + ",".join(step_ids)]
+
+
+def parse_sacct_steps(text: str) -> dict[str, JobInfo]:
+    """``{"job.step": JobInfo}`` from :func:`sacct_step_argv` output (allocation and batch lines skipped)."""
+    out: dict[str, JobInfo] = {}
+    for line in (text or "").splitlines():
+        parts = line.rstrip("\n").split("|")
+        if len(parts) != len(SACCT_FIELDS) or not _STEP_ID.match(parts[0].strip()):
+            continue
+        sid, state, code, reason, nodes = (p.strip() for p in parts)
+        if state:
+            ec, sig = _exit_code(code)
+            out[sid] = JobInfo(sid, normalize_state(state), state, ec, sig, reason, nodes, "sacct")
+    return out
+
+
 def parse_squeue(text: str) -> dict[str, JobInfo]:
     """``{job_id: JobInfo}`` from :func:`squeue_argv` output."""
     out: dict[str, JobInfo] = {}

@@ -15,6 +15,7 @@ from ...plan import slurm as slurm_plan
 from .states import parse_sbatch_parsable
 
 Runner = Callable[..., "tuple[int, str, str]"]
+SUPERVISOR_MODULE = "orchestrator.supervise.in_allocation"   # what the allocation's batch step runs
 # Words of sbatch errors that mean "SLURM was busy", not "the request is wrong".
 TRANSIENT_SUBMIT = ("temporarily", "timed out", "unable to contact", "try again", "connection refused")
 
@@ -55,21 +56,28 @@ def _executor_class():
     return ParsableSlurmExecutor
 
 
-def submit(plan, attempt: int, resume_from: str | None) -> str:
-    """Submit one attempt through submitit; return the SLURM job id or raise RuntimeError."""
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
+def submit_allocation(plan, home: str, exclude: tuple[str, ...] = ()) -> str:
+    """Submit the job's allocation through submitit (its batch step runs the supervisor,
+    ``python -m orchestrator.supervise.in_allocation``); return the SLURM job id or raise RuntimeError.
 
-    from .node import run_node
+    ``exclude``: nodes the job must not get (they failed twice, or were lost).
+    """
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+    from submitit.helpers import CommandFunction
 
     if shutil.which("sbatch") is None:
         raise RuntimeError("sbatch is not on PATH: submit from a SLURM login node (or start "
                            "scripts/slurm-lab.sh and export SLURM_CONF)")
-    folder = slurm_plan.submitit_folder(plan, attempt)
-    executor = _executor_class()(folder, python=shlex.quote(slurm_plan.job_python(plan)), max_num_timeout=0)
-    executor.update_parameters(**slurm_plan.executor_parameters(plan, attempt))
-    spec = {"plan": plan.to_dict(), "attempt": attempt, "resume_from": resume_from}
+    params = slurm_plan.executor_parameters(plan)
+    if exclude:
+        params["additional_parameters"] = {**params["additional_parameters"], "exclude": ",".join(exclude)}
+    executor = _executor_class()(slurm_plan.submitit_folder(plan), python=shlex.quote(slurm_plan.job_python(plan)),
+                                 max_num_timeout=0)
+    executor.update_parameters(**params)
     try:
-        return str(executor.submit(run_node, spec).job_id)
+        command = CommandFunction([slurm_plan.job_python(plan), "-u", "-m", SUPERVISOR_MODULE, str(home), plan.job_id],
+                                  cwd=plan.workdir)
+        return str(executor.submit(command).job_id)
     except (FailedJobError, FailedSubmissionError, OSError) as exc:
         raise RuntimeError(str(exc).strip() or type(exc).__name__) from exc
 
@@ -80,7 +88,7 @@ def preflight(plan, runner: Runner = run_command) -> list[str]:
     if shutil.which("sbatch") is None:
         return ["launch.backend: slurm, but sbatch is not on PATH: submit from a SLURM login node (or start "
                 "scripts/slurm-lab.sh and export SLURM_CONF)"]
-    rc, out, err = runner(["sbatch", "--test-only"], input=slurm_plan.sbatch_script(plan, 1))
+    rc, out, err = runner(["sbatch", "--test-only"], input=slurm_plan.sbatch_script(plan))
     if rc == 0:
         return []
     lines = [ln.strip() for ln in (err + "\n" + out).splitlines()
