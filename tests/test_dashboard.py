@@ -19,6 +19,7 @@ from orchestrator.dashboard.logview import show_logs
 from orchestrator.dashboard.render import (
     Snapshot,
     attempt_label,
+    job_detail,
     detail_frame,
     jobs_table,
     list_table,
@@ -463,3 +464,30 @@ def test_a_resumed_job_is_read_again_when_it_ends_again(tmp_path):
     channel.append_jsonl(Path(j.run_dir) / "progress.jsonl", {"event": "log", "attempt": 2, "step": 12, "loss": 0.1})
     ledger.update_job(j.id, state=JobState.COMPLETED)
     assert source.snapshot(ledger.get(j.id)).progress.step == 12
+
+
+# --- one owner per job and SLURM attempts (issues 10, 11) -------------------------------------------------
+
+def test_detail_shows_where_each_slurm_attempt_ran_and_json_carries_it():
+    atts = [attempt(1, "KILLED", scheduler_job_id="33", external_id="33.0", nodes="n1,n2", world_size=2),
+            attempt(2, "PREEMPTED", scheduler_job_id="33", external_id="33.1", nodes="n1,n2", world_size=2, in_place=1),
+            attempt(3, None, scheduler_job_id="33", external_id="33.0", nodes="n1,n3", world_size=2, in_place=0)]
+    snap = Snapshot(job(backend="slurm", attempts=atts, scheduler_job_id="33"), prog(), NOW, max_restarts=3)
+    text = text_of(job_detail(snap), 220)
+    assert "SLURM 33.1 on n1,n2, in place" in text and "SLURM 33.0 on n1,n3, via the queue" in text
+    data = snapshot_json(snap, detail=True)
+    assert [(a["scheduler_job_id"], a["nodes"], a["world_size"], a["in_place"]) for a in data["attempts"]] == [
+        ("33", "n1,n2", 2, None), ("33", "n1,n2", 2, 1), ("33", "n1,n3", 2, 0)]
+    assert data["supervisor"] == {"alive": False, "host": None, "pid": None, "heartbeat_age_s": None}
+
+
+def test_a_job_whose_supervisor_is_gone_is_marked_with_the_command_that_adopts_it():
+    from orchestrator.store.lease import SupervisorHealth
+
+    gone = SupervisorHealth(alive=False, host="h", pid=42, heartbeat_age_s=95.0)
+    snap = Snapshot(job(attempts=[attempt(1)]), prog(), NOW, max_restarts=3, supervisor=gone)
+    assert "! supervisor gone: orchestrate resume demo-0101-aaaaaa" in text_of(jobs_table([snap]), 250)
+    assert "GONE (pid 42 on h, last heartbeat 1:35 ago)" in text_of(job_detail(snap), 200)
+    queued = Snapshot(job(backend="slurm", state=JobState.PENDING, scheduler_job_id="77"), prog(0), NOW,
+                      supervisor=SupervisorHealth(alive=False))
+    assert "GONE" not in text_of(job_detail(queued), 200) and "SLURM job 77" in text_of(job_detail(queued), 200)

@@ -187,10 +187,21 @@ def list_table(jobs: list[Job], now: float) -> FastTable:
     return FastTable(_LIST_COLS, rows, footer=None if rows else "no jobs")
 
 
+def where_ran(a) -> str:
+    """``SLURM 33.1 on n1,n2, in place``: where an attempt ran (scheduler jobs only)."""
+    if not a.scheduler_job_id:
+        return "-"
+    how = {1: ", in place", 0: ", via the queue"}.get(a.in_place, "")
+    return f"SLURM {a.external_id or a.scheduler_job_id}" + (f" on {a.nodes}" if a.nodes else "") + how
+
+
 def _attempts_table(s: Snapshot) -> Table:
     att = Table(title="attempts", title_justify="left", header_style="bold", title_style="bold")
-    for col in ("#", "started", "duration", "exit", "failure", "resumed from", "steps gained", "detail"):
-        att.add_column(col, overflow="fold" if col == "detail" else "ellipsis")
+    slurm = any(a.scheduler_job_id for a in s.job.attempts)
+    cols = ("#", "started", "duration", "exit", "failure", "resumed from", "steps gained", "world", *(
+        ("where",) if slurm else ()), "detail")
+    for col in cols:
+        att.add_column(col, overflow="fold" if col in ("detail", "where") else "ellipsis")
     for a in s.job.attempts:
         dur = (a.ended or s.now) - a.started
         err = s.errors.get(a.n)
@@ -199,7 +210,8 @@ def _attempts_table(s: Snapshot) -> Table:
                        "cyan" if not a.failure else "yellow" if a.failure == "PREEMPTED" else "red")
         att.add_row(str(a.n), time.strftime("%H:%M:%S", time.localtime(a.started)), fmt_duration(dur),
                     "-" if a.exit_code is None else str(a.exit_code), failure,
-                    (a.resumed_from or "-").rsplit("/", 1)[-1], _num(a.steps_gained, "d"), detail)
+                    (a.resumed_from or "-").rsplit("/", 1)[-1], _num(a.steps_gained, "d"),
+                    "-" if a.world_size is None else str(a.world_size), *((where_ran(a),) if slurm else ()), detail)
     return att
 
 
