@@ -7,6 +7,7 @@ profile of ``slurm_templates/``; regenerate with ``UPDATE_GOLDEN=1 pytest tests/
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -427,6 +428,37 @@ def test_kill_and_signal_are_scancel_of_the_step(tmp_path):
     assert fake.calls[-1] == ["scancel", "--signal=USR2", "33.5"]
     assert backend.attempt_facts(handle) == {"scheduler_job_id": "33", "nodes": "n1", "external_id": "33.5",
                                              "in_place": 0}
+
+
+class _Running:
+    """A stand-in for the srun process of a running step."""
+
+    pid = 0
+
+    def poll(self):
+        return None
+
+
+def test_a_step_slurm_never_signalled_is_signalled_once_when_the_time_limit_is_near(tmp_path):
+    # SLURM's --signal reaches only the steps running when it is sent (and up to a minute early): a step
+    # started after it is told by the supervisor itself once the time left is under the signal delay.
+    adir = _step_dir(tmp_path, {0: {"node.json": {"started": 1, "slurm_step_id": "5"}}})
+    now = [0.0]
+    fake = FakeSlurm(time_left=600)
+    backend = SlurmStepBackend("33", runner=fake, clock=lambda: now[0])
+    backend._deadline = ("USR2", 90)
+    backend._procs[1] = _Running()
+    handle = AttemptHandle(JOB, 1, 0, str(adir), external_id="33")
+    assert backend.poll(handle) is None and not any(c[0] == "scancel" for c in fake.calls)
+    fake.time_left, now[0] = 60, 5.0                     # an admin shortened the limit: read again after 15 s
+    assert backend.poll(handle) is None and not any(c[0] == "scancel" for c in fake.calls)
+    now[0] = 20.0
+    assert backend.poll(handle) is None and fake.calls[-1] == ["scancel", "--signal=USR2", "33.5"]
+    now[0] = 40.0
+    backend.poll(handle)
+    assert [c for c in fake.calls if c[0] == "scancel"] == [["scancel", "--signal=USR2", "33.5"]]   # once
+    sent = [json.loads(line) for line in (adir / "signals.jsonl").read_text().splitlines()]
+    assert [(r["signal"], r["by"]) for r in sent] == [("USR2", "supervisor")] and sent[0]["time_left_s"] < 90
 
 
 @pytest.mark.parametrize("message, want", [

@@ -7,6 +7,12 @@ record of the step (:mod:`.records`) and counts node failures; ``kill`` and ``si
 queue is not involved. :meth:`placement` decides what the next attempt can have: the nodes
 of the allocation that SLURM still considers usable and that did not fail twice, or a reason
 to continue in a new allocation (the time limit is near, too few nodes are left).
+
+SLURM's ``--signal`` reaches only the steps running when it is sent, and it may be sent up to a
+minute early: a step started after it (the first one, or one after a crash) would never hear it and
+be killed at the time limit with its work since the last checkpoint. So :meth:`poll` also minds the
+clock: once the time left is under the signal delay, it sends the running step the same signal
+itself, once.
 """
 from __future__ import annotations
 
@@ -30,9 +36,11 @@ from .states import parse_sacct_steps, sacct_step_argv
 from .submit import Runner, run_command
 
 SRUN_LOG = "srun.log"
+SIGNALS_LOG = "signals.jsonl"   # signals the supervisor sent the step itself (the time limit near)
 NODES_FILE = "nodes.json"      # <run_dir>/slurm/nodes.json: failures per node over the whole job
 EXCLUDE_AFTER = 2              # a node that failed this often is excluded for the rest of the job
 TIME_MARGIN_S = 60             # a PREEMPTED attempt with less time left than signal delay + this: requeue
+END_REFRESH_S = 15.0           # how often the allocation's end time is read again (a time limit may be changed)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,9 @@ class SlurmStepBackend:
         self.last_allocation_attempt: int | None = None   # the last attempt started in this allocation
         self._next: tuple[str, ...] = ()                   # the nodes :meth:`placement` chose last
         self.in_place = False                              # the last attempt started here followed another one
+        self._deadline: tuple[str, int] = ("USR2", 90)    # the plan's stop signal and its delay before the end
+        self._end: tuple[float, float | None] | None = None  # (when read, the allocation's end time)
+        self._signalled: set[int] = set()                  # attempts already sent the time-limit signal
 
     # -- where the next attempt runs ------------------------------------------------------------
     def placement(self, plan, last_failure: Failure | None = None) -> Placement:
@@ -109,6 +120,8 @@ class SlurmStepBackend:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=plan.workdir, start_new_session=True)
         self._procs[attempt] = proc
+        self._deadline = (str(plan.slurm.get("signal") or "USR2"), int(plan.slurm.get("signal_delay_s") or 90))
+        self._end = None
         self.in_place = self.last_allocation_attempt is not None   # an attempt ran in this allocation before
         self.last_allocation_attempt = attempt
         channel.write_json_atomic(adir / slurm_plan.JOB_RECORD, {"job_id": self.job, "nodes": nodes,
@@ -121,6 +134,7 @@ class SlurmStepBackend:
         adir = Path(handle.attempt_dir)
         proc = self._procs.get(handle.attempt)
         if proc is not None and proc.poll() is None:
+            self._mind_time_limit(handle)
             return None
         if proc is None and handle.external_id == self.job and self._step_alive(handle.attempt):
             return None
@@ -198,6 +212,23 @@ class SlurmStepBackend:
                 f"{where.relocate})", new)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _mind_time_limit(self, handle: AttemptHandle) -> None:
+        """Send the running step the time-limit signal if SLURM's has not reached it and time is short."""
+        if handle.attempt in self._signalled:
+            return
+        now = self.clock()
+        if self._end is None or now - self._end[0] >= END_REFRESH_S:
+            info = scontrol.allocation(self.job, self.runner)
+            self._end = (now, info.end_time if info else None)
+        sig, delay = self._deadline
+        left = None if self._end[1] is None else self._end[1] - time.time()
+        if left is None or left >= delay or self._step_id(Path(handle.attempt_dir)) is None:
+            return
+        self._signalled.add(handle.attempt)
+        self.signal(handle, sig)
+        channel.append_jsonl(Path(handle.attempt_dir) / SIGNALS_LOG,
+                             {"time": time.time(), "signal": sig, "time_left_s": round(left, 1), "by": "supervisor"})
+
     def _step_id(self, adir: Path) -> str | None:
         for path in sorted((adir / slurm_plan.NODES_DIR).glob(f"*/{slurm_plan.NODE_RECORD}")):
             step = (channel.read_json(path) or {}).get("slurm_step_id")
