@@ -54,7 +54,7 @@ MAX_STEPS = 24
 TRAINING = dict(max_steps=MAX_STEPS, save_steps=4, logging_steps=1, save_total_limit=2)
 LAUNCH = {"nproc_per_node": 2, "retry": {"backoff_s": 0.5, "max_restarts": 10, "max_no_progress": 4},
           "watchdog": {"stall_floor_s": 60, "startup_timeout_s": 600}}
-SAVE_POINTS = ("start", "model", "optimizer", "rng", "marker", "rotate")
+SAVE_POINTS = ("start", "model", "optimizer", "rng", "write", "marker", "rotate")
 DISK_MB = 6            # two demo checkpoints (2.3 MB each) fit, the third does not
 
 

@@ -391,3 +391,33 @@ def test_every_shipped_config_validates_and_plans(config, topo, tmp_path):
         assert plan.device == ("cuda" if topo.gpus else "cpu")
     assert plan.run_dir == str(home / "runs" / "cfg-test")
     assert not home.exists()  # planning writes nothing
+
+
+# --- launch.checkpoint (issue 12) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("every, steps, seconds", [(500, 500, None), ("250 steps", 250, None), ("30m", None, 1800.0),
+                                                   ("90s", None, 90.0), ("2h", None, 7200.0)])
+def test_launch_checkpoint_every_is_steps_or_a_time(tmp_path, every, steps, seconds):
+    workdir = make_demo_workdir(tmp_path / "work")
+    cfg = load(workdir, f"launch:\n  checkpoint:\n    every: {every!r}\n".replace("'", '"'))
+    assert (cfg.launch.checkpoint.every_steps, cfg.launch.checkpoint.every_s) == (steps, seconds)
+
+
+def test_launch_checkpoint_problems_name_the_key(tmp_path):
+    workdir = make_demo_workdir(tmp_path / "work")
+    probs = problems_of(workdir, "save_steps: 100\nlaunch:\n  checkpoint:\n    every: 50\n    when: now\n")
+    assert any(p.startswith("launch.checkpoint.when: unknown key") for p in probs)
+    assert any(p.startswith("launch.checkpoint.every: 50 steps, but save_steps is 100") for p in probs)
+    probs = problems_of(workdir, "launch:\n  checkpoint:\n    every: soon\n")
+    assert probs == ["launch.checkpoint.every: expected a number of steps (500, '500 steps') or a time "
+                     "('90s', '30m', '2h'), got 'soon'"]
+
+
+def test_the_plan_saves_by_steps_or_tells_the_worker_the_interval(tmp_path):
+    workdir = make_demo_workdir(tmp_path / "work")
+    topo = TOPOLOGIES["cpu"]
+    for every, want_steps, want_env in [(40, 40, None), ("15m", None, "900")]:
+        path = write_config(workdir / "job.yaml", BASE_YAML + f"launch:\n  checkpoint:\n    every: {every}\n")
+        _, plan = prepare(str(path), home=tmp_path / "home", topology=topo, cwd=str(workdir), job_id="ck")
+        assert plan.worker_config.get("save_steps") == want_steps
+        assert plan.env.get("ORCHESTRATE_SAVE_EVERY_S") == want_env

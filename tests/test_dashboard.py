@@ -19,8 +19,8 @@ from orchestrator.dashboard.logview import show_logs
 from orchestrator.dashboard.render import (
     Snapshot,
     attempt_label,
-    job_detail,
     detail_frame,
+    job_detail,
     jobs_table,
     list_table,
     snapshot_json,

@@ -131,7 +131,10 @@ def test_d_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, demo_a
     run_dir = status(home, job_id)["run_dir"]
     # Attempt 1 dies at step 13; while the supervisor backs off, the newest checkpoint rots.
     wait_for(lambda: (status(home, job_id)["attempts"] or [{}])[0].get("ended"), 300, "attempt 1 to end")
-    newest = Path(status(home, job_id)["output_dir"]) / "checkpoint-10" / "model.safetensors"
+    ckpt = Path(status(home, job_id)["output_dir"]) / "checkpoint-10"
+    # the model's weights: one shard per rank (sharded, the default) or model.safetensors (FULL_STATE_DICT)
+    newest = max([*ckpt.glob("pytorch_model_fsdp_0/*.distcp"), *ckpt.glob("model.safetensors")],
+                 key=lambda f: f.stat().st_size)
     with open(newest, "r+b") as f:
         f.truncate(newest.stat().st_size // 2)
     job = _wait_state(home, job_id)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import JobError
 from .common import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, print_notices
 
 
@@ -130,4 +131,20 @@ def cancel(args) -> int:
         print(f"error: {job.id}: processes still alive after cancel: {left}", file=sys.stderr)
         return EXIT_FAILED
     print(f"{job.id}: {ledger.get(job.id).state.value}; no process of the job is left")
+    return EXIT_OK
+
+
+def checkpoint(args) -> int:
+    """``orchestrate checkpoint JOB``: save now; print the complete checkpoint's path."""
+    from ..store.jobs import open_ledger, resolve_job
+    from ..supervise.on_demand import request_checkpoint
+
+    ledger = open_ledger()
+    job = resolve_job(ledger, args.job)
+    print(f"{job.id}: asked to save at the next step boundary; waiting for every rank's part ...", file=sys.stderr)
+    try:
+        print(request_checkpoint(ledger, job, timeout_s=args.timeout))
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK

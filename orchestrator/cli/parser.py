@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", help="end a job and every process of it")
     c.add_argument("job")
 
+    ck = sub.add_parser("checkpoint", help="save a running job's checkpoint now; print its path when complete",
+                        description="Ask a running job to save a checkpoint at its next step boundary (every "
+                        "rank agrees), wait until every rank's part is written and the checkpoint is marked "
+                        "complete, then print its path. Exit status 1 if the save fails, the job ends first "
+                        "or --timeout passes.")
+    ck.add_argument("job")
+    ck.add_argument("--timeout", type=float, default=900.0, metavar="S", help="seconds to wait (default 900)")
+
     r = sub.add_parser("resume", help="take over a job whose supervisor is gone, or rerun a failed one")
     r.add_argument("job")
     r.add_argument("--detach", action="store_true")

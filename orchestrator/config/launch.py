@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .checkpoint import CheckpointSettings
 from .performance import PerformanceSettings, parse_performance
 from .schema import closest
 
@@ -57,6 +58,7 @@ class LaunchSettings:
     watchdog: WatchdogPolicy = field(default_factory=WatchdogPolicy)
     slurm: Mapping[str, Any] = field(default_factory=dict)
     performance: PerformanceSettings = field(default_factory=PerformanceSettings)  # issue 6 (performance.py)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)     # issue 12 (checkpoint.py)
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")

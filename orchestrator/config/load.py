@@ -6,6 +6,7 @@ changes nothing on disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import parse_checkpoint
 from .errors import ConfigError
 from .launch import LaunchSettings, parse_launch
 from .renames import FSDP1_ONLY_KEYS, translate
@@ -67,6 +69,11 @@ def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -
     launch, problems = parse_launch(launch_raw)
     training, notices, rename_problems = translate(raw)
     problems += rename_problems
+    # launch.checkpoint is checked against the training keys it may contradict (save_steps)
+    checkpoint, ckpt_problems = parse_checkpoint(launch_raw.get("checkpoint") if isinstance(launch_raw, dict)
+                                                 else None, training)
+    launch = dataclasses.replace(launch, checkpoint=checkpoint)
+    problems += ckpt_problems
     training, type_notices, type_problems = _check_keys(training)
     notices += type_notices
     problems += type_problems

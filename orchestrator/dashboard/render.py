@@ -239,6 +239,8 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
         mode += f" (FSDP{p.fsdp_version})"
     head.add_row("distributed", f"{mode}, world size {p.world_size or '-'}")
     head.add_row("checkpoint", p.last_checkpoint or "-")
+    if p.last_save:
+        head.add_row("last save", save_text(p.last_save, p.failed_saves))
     if phase_text(s):
         head.add_row("phase", phase_text(s))
     if not j.state.is_terminal:
@@ -263,6 +265,17 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
         parts.append(Text.assemble(("first error", "bold red"), f", attempt {n}: {err.line()}"))
         parts.append(Text(f"  traceback: orchestrate logs {j.id} --attempt {n} --errors", style="dim"))
     return Group(*parts)
+
+
+def save_text(save: dict, failed: int = 0) -> str:
+    """``blocked training 0.24 s, written in 1.3 s (in the background)``: what the last save cost."""
+    blocked, written = save.get("save_s"), save.get("write_s")
+    text = f"blocked training {_num(blocked, '.2f')} s"
+    if written is not None:
+        text += f", written in {_num(written, '.2f')} s" + (" (in the background)" if save.get("async_write") else "")
+    if save.get("reason") in ("time", "requested"):
+        text += "; " + ("the time interval passed" if save["reason"] == "time" else "asked for (orchestrate checkpoint)")
+    return text + (f"; {failed} failed save(s)" if failed else "")
 
 
 def _summary(snaps: list[Snapshot], now: float) -> Text:
@@ -310,7 +323,8 @@ def snapshot_json(s: Snapshot, detail: bool = False) -> dict[str, Any]:
         step=_step(s), max_steps=_total(s), loss=_clean(p.loss), tokens_per_s=_clean(p.tokens_per_s),
         eta_s=_clean(_eta(s)), elapsed_s=round(_elapsed(s), 3), attempt=len(j.attempts),
         attempt_budget=attempt_budget(s),
-        last_checkpoint=p.last_checkpoint, last_checkpoint_step=p.last_checkpoint_step,
+        last_checkpoint=p.last_checkpoint, last_checkpoint_step=p.last_checkpoint_step, last_save=p.last_save,
+        failed_saves=p.failed_saves,
         distributed_type=p.distributed_type or j.distributed_type, fsdp_version=p.fsdp_version,
         world_size=p.world_size, log_dir=s.log_dir,
         supervisor=(s.supervisor or SupervisorHealth(alive=False)).to_json(),

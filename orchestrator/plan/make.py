@@ -84,13 +84,24 @@ def make_plan(cfg: JobConfig, topo: Topology, *, job_id: str, home: Path, python
         raise ConfigError(str(cfg.source), problems, list(cfg.notices))
     paths = RunPaths.for_job(home, job_id)
     training.setdefault("output_dir", str(paths.default_output_dir))
-    if cfg.fsdp_enabled and isinstance(training.get("fsdp_config"), dict):
+    if cfg.fsdp_enabled and isinstance(training.get("fsdp_config") or {}, dict):
         # transformers sets FSDP_CPU_RAM_EFFICIENT_LOADING from this key (default false),
         # overriding the environment the seed exported: make the two agree.
-        fc = dict(training["fsdp_config"])
+        fc = dict(training.get("fsdp_config") or {})
         fc.setdefault("cpu_ram_efficient_loading", True)
+        if "state_dict_type" not in fc and nnodes * nproc > 1:
+            # issue 12: every rank writes its own shard (DCP, in the background); nothing is gathered on
+            # rank 0. A FULL state dict only when asked for (fsdp_config.state_dict_type: FULL_STATE_DICT).
+            fc["state_dict_type"] = "SHARDED_STATE_DICT"
+            notices.append("fsdp_config.state_dict_type: SHARDED_STATE_DICT (each rank writes its own shard, "
+                           "in the background; set FULL_STATE_DICT to gather every checkpoint on rank 0)")
         training["fsdp_config"] = fc
+    every = cfg.launch.checkpoint
+    if every.every_steps:
+        training.update(save_strategy="steps", save_steps=every.every_steps)
     env = {**(user_env or {}), **dict(cfg.launch.env), **fsdp_env(training)}
+    if every.every_s:   # the worker's callback: every rank agrees at the step boundary after it passed
+        env[channel.ENV_SAVE_EVERY_S] = f"{every.every_s:g}"
     if device == "cpu" and "OMP_NUM_THREADS" not in env:
         # torchrun would force 1 thread per rank; share the cores instead.
         env["OMP_NUM_THREADS"] = str(omp_threads or max(1, topo.cpus // nproc))

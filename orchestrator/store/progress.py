@@ -26,6 +26,8 @@ class ProgressState:
     losses: list[tuple[int, float]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)   # what the worker wants the user to know (once each)
     save_s: list[float] = field(default_factory=list)  # how long each checkpoint save blocked training
+    last_save: dict | None = None  # the last checkpoint record: blocked (save_s), written (write_s), async, why
+    failed_saves: int = 0          # saves whose write failed (no marker: the previous checkpoint stays)
     attempt_records: int = 0      # records of the attempt being followed
     last_attempt: int | None = None
     rate_start: tuple[float, int] | None = None   # (time, step) of the latest attempt's first log
@@ -96,6 +98,9 @@ class ProgressFollower:
                 s.save_s.append(float(rec["save_s"]))
             s.last_checkpoint = rec.get("path")
             s.last_checkpoint_step = rec.get("step")
+            s.last_save = {k: rec.get(k) for k in ("step", "save_s", "write_s", "async_write", "reason")}
+        elif event == "checkpoint_failed":
+            s.failed_saves += 1
 
 
 def read_heartbeat(attempt_dir: Path) -> dict | None:

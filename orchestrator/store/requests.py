@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..worker import channel
 
-REQUESTS_DIR = "requests"
+REQUESTS_DIR = channel.REQUESTS_DIR
+CHECKPOINT = channel.CHECKPOINT_REQUEST   # read by the worker: save at the next step boundary
 CANCEL = "cancel"
 
 

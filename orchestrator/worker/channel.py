@@ -49,6 +49,12 @@ EXIT_STOPPED = 75
 RESUME_NONE = "none"
 # Test-only fault injection in the worker: "hang|crash|exit:RANK:STEP[:always]".
 ENV_FAULT = "ORCHESTRATE_FAULT"
+# launch.checkpoint.every as seconds: every rank agrees to save at the step boundary after it passed.
+ENV_SAVE_EVERY_S = "ORCHESTRATE_SAVE_EVERY_S"
+# <run_dir>/requests/<kind>.json: requests to a running job (store/requests.py writes them); the worker
+# reads CHECKPOINT_REQUEST ("save at the next step boundary", `orchestrate checkpoint`).
+REQUESTS_DIR = "requests"
+CHECKPOINT_REQUEST = "checkpoint"
 # Test-only faults inside the save path: see support.SaveFault.
 ENV_SAVE_FAULT = "ORCHESTRATE_SAVE_FAULT"
 # Per-rank error record in the attempt directory: error-rank<R>.json.

@@ -175,7 +175,7 @@ def maybe_inject_fault(fault: tuple[str, int, int] | None, rank: int, step: int)
 
 # ---- test-only faults inside the save path -------------------------------------------------
 
-SAVE_POINTS = ("start", "model", "optimizer", "rng", "marker", "rotate")
+SAVE_POINTS = ("start", "model", "optimizer", "rng", "write", "marker", "rotate")
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,8 @@ class SaveFault:
     KIND ``kill`` (SIGKILL), ``sleep`` (a slow save: SECONDS) or ``enospc`` (the disk is full)
     at POINT of the save of ``checkpoint-STEP`` on RANK: ``start`` (nothing written yet),
     ``model`` (weights written), ``optimizer`` (optimizer and scheduler written), ``rng``
-    (everything but trainer_state.json), ``marker`` (all written, every rank done, no marker yet),
+    (everything but trainer_state.json), ``write`` (the background write of a sharded save begins,
+    training goes on), ``marker`` (all written, every rank done, no marker yet),
     ``rotate`` (marker written, older checkpoints being deleted). First attempt only unless ``always``.
     """
 
