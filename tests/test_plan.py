@@ -13,11 +13,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import GOLDEN_DIR, job_config, make_demo_workdir, model_of, shipped_configs
+from helpers import BASE_YAML, GOLDEN_DIR, job_config, make_demo_workdir, model_of, shipped_configs, write_config
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.dashboard.plan_view import describe_plan
 from orchestrator.plan import LaunchPlan, choose_nproc, fsdp_env, make_plan
+from orchestrator.plan.prepare import prepare
 from orchestrator.plan.topology import Topology
 from orchestrator.worker import channel
 
@@ -238,3 +239,40 @@ def test_hostile_paths_survive_argv_and_are_shell_quoted(tmp_path):
                          check=True).stdout
     assert out.decode().split("\0")[:-1] == argv
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# --- resize (issue 12) -------------------------------------------------------------------------------
+
+def _resizable(tmp_path, micro=8, accum=1, nproc=2):
+    workdir = make_demo_workdir(tmp_path / "work")
+    path = write_config(workdir / "job.yaml", BASE_YAML + f"per_device_train_batch_size: {micro}\n"
+                        f"gradient_accumulation_steps: {accum}\nlaunch:\n  nproc_per_node: {nproc}\n")
+    _, plan = prepare(str(path), home=tmp_path / "home", topology=Topology(gpus=0, cpus=8, hostname="t"),
+                      cwd=str(workdir), job_id="rs")
+    return plan
+
+
+def test_resize_keeps_the_global_batch_with_more_accumulation_or_a_smaller_micro_batch(tmp_path):
+    from orchestrator.plan.resize import batch_of, resize_plan
+
+    plan = _resizable(tmp_path)                                   # 8 x 1 x 2 ranks = 16
+    one, said = resize_plan(plan, 1, 1)
+    assert batch_of(one) == (8, 2, 16) and one.world_size == 1 and "global batch 16 kept" in said[0]
+    assert one.env["OMP_NUM_THREADS"] == str(int(plan.env["OMP_NUM_THREADS"]) * 2)
+    four, said = resize_plan(plan, 1, 4)
+    assert batch_of(four) == (4, 1, 16) and "per_device_train_batch_size 8 -> 4" in said[1]
+    assert batch_of(resize_plan(four, 1, 2)[0]) == (4, 2, 16)   # back on 2 ranks: other micro-batches, same samples
+
+
+def test_resize_refuses_a_world_size_that_cannot_keep_the_global_batch_and_lists_those_that_can(tmp_path):
+    from orchestrator.config import ConfigError
+    from orchestrator.plan.resize import resize_plan
+
+    plan = _resizable(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        resize_plan(plan, 1, 3)
+    assert e.value.problems == ["--nproc-per-node 3: world size 3 cannot keep the global batch of 16 samples "
+                                "(8 per device x 1 accumulation x 2 ranks); world sizes that can: 1, 2, 4, 8, 16"]
+    with pytest.raises(ConfigError) as e:
+        resize_plan(plan, 2, 1)
+    assert "a local job runs on one node" in e.value.problems[0]

@@ -304,6 +304,30 @@ def test_e_a_node_set_down_mid_run_and_the_job_goes_on_without_it(tmp_path, demo
     assert moved and lost in moved[0]["exclude"] and job["scheduler_job_id"] == moved[0]["job_id"]
 
 
+def test_e_with_min_nodes_the_job_goes_on_in_place_on_fewer_nodes_with_the_same_global_batch(tmp_path, demo_assets):
+    home = tmp_path / "home"
+    launch = {**TWO_NODES, **FAST, "slurm": {**TWO_NODES["slurm"], "min_nodes": 1}}
+    cfg = write_config(tmp_path, demo_assets, launch=launch, max_steps=30, save_steps=5, logging_steps=1)
+    job_id, run = _submit_detached(home, tmp_path, cfg)
+    slurm_job = _slurm_job(home, job_id)
+    wait_for(lambda: (Path(run) / "output/checkpoint-5/.orchestrate-complete").exists(), 240, "checkpoint-5")
+    lost = status(home, job_id)["attempts"][0]["nodes"].split(",")[1]
+    subprocess.run(["scontrol", "update", f"nodename={lost}", "state=down", "reason=orchestrate-test"], check=True)
+    try:
+        job = _wait_state(home, job_id, timeout=600)
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={lost}", "state=resume"])
+    assert job["state"] == "COMPLETED" and job["step"] == 30, job["message"]
+    last = job["attempts"][-1]
+    assert last["world_size"] == 1 and last["nodes"] and lost not in last["nodes"].split(",")
+    assert last["scheduler_job_id"] == slurm_job and last["in_place"] == 1       # no trip through the queue
+    plan = json.loads((Path(run) / "plan.json").read_text())
+    wc = plan["worker_config"]
+    assert (plan["nnodes"], wc["gradient_accumulation_steps"], wc["per_device_train_batch_size"]) == (1, 2, 8)
+    starts = [r for r in progress(run) if r["event"] == "start"]
+    assert {r["global_batch"] for r in starts} == {16} and starts[-1]["world_size"] == 1
+
+
 def test_f_killing_the_login_side_changes_nothing_and_another_login_node_sees_the_job(tmp_path, demo_assets):
     home = tmp_path / "home"
     cfg = write_config(tmp_path, demo_assets, launch=LAB, max_steps=12, save_steps=4, logging_steps=1)

@@ -368,6 +368,15 @@ def test_too_few_nodes_or_the_time_limit_move_the_job_to_a_new_allocation(tmp_pa
     assert "time limit" in backend.placement(plan, Failure.PREEMPTED).relocate   # ... close to the limit
 
 
+def test_with_min_nodes_a_lost_node_shrinks_the_job_in_place_if_the_global_batch_allows(tmp_path):
+    plan = step_plan(tmp_path, nodes=2, min_nodes=1)
+    fake = FakeSlurm(nodes={"n1": "MIXED", "n2": "DOWN*"})
+    backend = SlurmStepBackend("33", runner=fake)
+    assert backend.placement(plan) == Placement(nodes=("n1",), resize=1)
+    plan3 = step_plan(tmp_path, nodes=2, min_nodes=2)                      # min_nodes not met: a new allocation
+    assert backend.placement(plan3).relocate.startswith("1 usable node(s) left of 2")
+
+
 def test_relocation_is_a_requeue_and_else_a_new_submission_from_inside(tmp_path, monkeypatch):
     plan = step_plan(tmp_path)
     fake = FakeSlurm()

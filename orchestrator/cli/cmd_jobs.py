@@ -101,22 +101,51 @@ def resume(args) -> int:
     ledger = open_ledger()
     job = resolve_job(ledger, args.job)
     check_resumable(job)
+    resized = _resized_plan(job, args)
     if job.backend == "slurm":   # issue 11: a new allocation (unless it has one); its supervisor runs inside
         from ..supervise import remote
 
-        print(remote.resume(ledger, job))
+        print(remote.resume(ledger, job, plan=resized))
         return EXIT_OK if args.detach else follow_remote(ledger, ledger.get(job.id))
     try:
         lease = take_job(job)
     except LeaseBusy as busy:
         print(f"{job.id} is already supervised by {busy.holder.describe()}; nothing to do")
         return EXIT_OK
+    if resized is not None:
+        from ..supervise.jobs import replace_plan
+
+        replace_plan(job, resized, max((a.n for a in job.attempts), default=0))
     job = ledger.get(job.id)  # as it is now that nobody else can change it
     if args.detach:
         detach(job, lease, resume=True)
         print(job.id)
         return EXIT_OK
     return run_foreground(ledger, job, lease, resume=True)
+
+
+def _resized_plan(job, args):
+    """The job's plan on ``--nproc-per-node``/``--nodes`` (None without them); says what changes, and
+    names the keys of the job's config file that were edited since it was submitted (never applied)."""
+    from ..supervise.jobs import config_changes, load_plan
+
+    changes = config_changes(job)
+    if changes:
+        print(f"notice: {job.config_path} was edited since {job.id} was submitted ({'; '.join(changes)}); "
+              f"resume runs the job's frozen plan, not the edited file: the world size changes only with "
+              f"--nproc-per-node/--nodes, anything else needs a new job", file=sys.stderr)
+    if args.nproc_per_node is None and args.nodes is None:
+        return None
+    if not job.state.is_terminal:
+        raise JobError(f"{job.id} is {job.state.value}: only a job that has ended can change its world size "
+                       f"(orchestrate cancel {job.id} first; its checkpoints stay)")
+    from ..plan.resize import resize_plan
+
+    plan = load_plan(job)
+    new, said = resize_plan(plan, args.nodes or plan.nnodes, args.nproc_per_node or plan.nproc_per_node)
+    for line in said:
+        print(f"notice: {line}", file=sys.stderr)
+    return new
 
 
 def cancel(args) -> int:

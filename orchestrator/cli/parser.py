@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("resume", help="take over a job whose supervisor is gone, or rerun a failed one")
     r.add_argument("job")
-    r.add_argument("--detach", action="store_true")
+    r.add_argument("--detach", action="store_true", help="supervise in the background; print only the job id")
+    r.add_argument("--nproc-per-node", type=int, metavar="M", help="resume an ended job on M processes per node, "
+                   "keeping the global batch (gradient accumulation, and the micro-batch if needed, recomputed)")
+    r.add_argument("--nodes", type=int, metavar="K", help="resume an ended SLURM job on K nodes (global batch kept)")
 
     lg = sub.add_parser("logs", help="print or follow a job's rank logs; find the first error",
                         description=LOGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

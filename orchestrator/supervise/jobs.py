@@ -54,3 +54,41 @@ def load_plan(job: Job) -> LaunchPlan:
     if data is None:
         raise JobError(f"{job.id}: plan.json missing in {job.run_dir}")
     return LaunchPlan.from_dict(data)
+
+
+def replace_plan(job: Job, plan: LaunchPlan, attempt: int) -> Path:
+    """Make ``plan`` the job's plan from attempt ``attempt + 1`` on (the lease holder only).
+
+    The plan it replaces is kept as ``plan.<attempt>.json`` beside it (what attempts up to
+    ``attempt`` ran); ``plan.json`` and the worker's config are replaced atomically.
+    """
+    paths = RunPaths(Path(job.run_dir))
+    kept = paths.plan.with_name(f"plan.{attempt}.json")
+    if paths.plan.exists() and not kept.exists():
+        shutil.copyfile(paths.plan, kept)
+    tmp = paths.worker_config.with_name(paths.worker_config.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(dict(plan.worker_config), sort_keys=True))
+    tmp.replace(paths.worker_config)
+    channel.write_json_atomic(paths.plan, plan.to_dict())
+    return kept
+
+
+def config_changes(job: Job) -> list[str]:
+    """Keys whose value in the job's config file differs from the config it was submitted with
+    (``launch.x.y`` for the launch section), each as ``key: old -> new``; empty if the file is gone."""
+    paths = RunPaths(Path(job.run_dir))
+    try:
+        now = yaml.safe_load(Path(job.config_path).read_text()) or {}
+        then = yaml.safe_load(paths.submitted_config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(_diff(then, now).items())]
+
+
+def _diff(a, b, prefix: str = "") -> dict[str, tuple]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: dict[str, tuple] = {}
+        for key in sorted(set(a) | set(b), key=str):
+            out.update(_diff(a.get(key), b.get(key), f"{prefix}{key}."))
+        return out
+    return {} if a == b else {prefix.rstrip("."): (a, b)}

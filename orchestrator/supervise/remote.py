@@ -19,7 +19,7 @@ from ..store import requests
 from ..store.lease import Lease, LeaseBusy, read_lease
 from ..store.ledger import Job, Ledger
 from ..store.paths import orchestrate_home
-from .jobs import load_plan
+from .jobs import load_plan, replace_plan
 
 RESUME = "resume"   # request: a finished (failed/cancelled) job runs again in its next allocation
 FOLLOW_POLL_S = 0.5
@@ -39,8 +39,11 @@ def submit(ledger: Ledger, job: Job) -> str:
     return slurm_job
 
 
-def resume(ledger: Ledger, job: Job) -> str:
-    """Give the job an allocation again (unless it has one, queued or running); a line saying what happened."""
+def resume(ledger: Ledger, job: Job, plan=None) -> str:
+    """Give the job an allocation again (unless it has one, queued or running); a line saying what happened.
+
+    ``plan``: the job's plan from now on (``orchestrate resume --nodes``), written under the lease.
+    """
     info = allocation.allocation_state(job.scheduler_job_id)
     if info is not None and info.active:
         return f"{job.id} is already in SLURM job {info.job_id} ({info.state}); nothing to do"
@@ -52,6 +55,8 @@ def resume(ledger: Ledger, job: Job) -> str:
         requests.clear(job.run_dir, requests.CANCEL, older_than=lease.record.acquired)
         if job.state.is_terminal:
             requests.make_request(job.run_dir, RESUME)
+        if plan is not None:
+            replace_plan(job, plan, max((a.n for a in job.attempts), default=0))
         plan = load_plan(job)
         exclude = tuple(sorted(n for n, k in node_failures(plan.run_dir).items() if k >= EXCLUDE_AFTER))
         slurm_job = allocation.submit(plan, orchestrate_home(), exclude)

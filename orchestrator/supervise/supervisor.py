@@ -233,6 +233,8 @@ class Supervisor:
         if place is None:
             return False
         where = place(self.plan, last_failure)
+        if getattr(where, "resize", None):
+            self._resize(where.resize)
         if not where.relocate:
             return False
         self._event(f"continuing in a new allocation: {where.relocate}")
@@ -243,6 +245,18 @@ class Supervisor:
             self.ledger.update_job(self.plan.job_id, scheduler_job_id=new_allocation, message=done)
         self.on_event(done)
         return True
+
+    def _resize(self, nnodes: int) -> None:
+        """Go on with ``nnodes`` nodes: the same global batch, more gradient accumulation (issue 12)."""
+        from ..plan.resize import resize_plan
+        from .jobs import replace_plan
+
+        self.lease.check()
+        job = self.ledger.get(self.plan.job_id)
+        self.plan, said = resize_plan(self.plan, nnodes, self.plan.nproc_per_node)
+        replace_plan(job, self.plan, max((a.n for a in job.attempts), default=0))
+        for line in said:
+            self._event(line)
 
     def _end_open_attempt(self, failure_state: JobState) -> None:
         if self._attempt_n is not None and self._current is not None:

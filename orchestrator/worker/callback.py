@@ -21,6 +21,7 @@ from .async_save import Committer, Save
 from .checkpoints import latest_complete_checkpoint, rotate_checkpoints, write_checkpoint_marker
 from .collectives import agree_all, agree_any, distributed_info, gpu_memory
 from .heartbeat import Heartbeat
+from .sample_log import install_sample_log
 from .save_hooks import SaveHooks
 from .support import SaveFault, StopFlag, WorkerEnv, env_rank, env_world_size, maybe_inject_fault, write_error
 
@@ -171,6 +172,7 @@ def attach(trainer, callback: OrchestrateCallback, heartbeat: Heartbeat) -> Save
     committer = Committer(lambda flag: agree_all(flag, trainer.accelerator.device), callback.commit)
     fault = SaveFault.parse(os.environ.get(channel.ENV_SAVE_FAULT), callback.wenv.attempt)
     callback.hooks = SaveHooks(trainer, heartbeat, fault, env_rank(), committer, callback.facts).install()
+    install_sample_log(trainer, callback.wenv.attempt_dir, env_rank())   # test-only, off unless asked
     return callback.hooks
 
 

@@ -50,6 +50,7 @@ class Placement:
     nodes: tuple[str, ...] = ()
     relocate: str | None = None
     exclude: tuple[str, ...] = ()
+    resize: int | None = None       # go on here with this many nodes (launch.slurm.min_nodes allows it)
 
 
 def node_failures(run_dir) -> dict[str, int]:
@@ -62,6 +63,12 @@ def _count_failure(run_dir, nodes: list[str]) -> dict[str, int]:
         counts[n] = counts.get(n, 0) + 1
     channel.write_json_atomic(Path(run_dir) / slurm_plan.SUBMITIT_DIR / NODES_FILE, counts)
     return counts
+
+
+def _keeps_batch(plan, nnodes: int) -> bool:
+    from ...plan.resize import batch_of
+
+    return batch_of(plan)[2] % (nnodes * plan.nproc_per_node) == 0
 
 
 class SlurmStepBackend:
@@ -96,6 +103,9 @@ class SlurmStepBackend:
             if left is not None and left < int(plan.slurm.get("signal_delay_s") or 90) + TIME_MARGIN_S:
                 return Placement(relocate=f"the allocation's time limit is {max(0, left):.0f} s away",
                                  exclude=excluded)
+        if slurm_plan.min_nodes(plan) <= len(good) < plan.nnodes and _keeps_batch(plan, len(good)):
+            self._next = tuple(good)    # fewer nodes, same global batch (more gradient accumulation)
+            return Placement(nodes=self._next, exclude=excluded, resize=len(good))
         if len(good) < plan.nnodes:
             bad = sorted((set(nodes) | set(failures)) - set(good))
             return Placement(relocate=f"{len(good)} usable node(s) left of {plan.nnodes} (lost: "
