@@ -155,6 +155,16 @@ def save_final_model(trainer) -> str | None:
     return str(out.absolute()) if any(out.glob("*.safetensors")) else None
 
 
+def record_final_logits(trainer, wenv) -> None:
+    """The trained weights' logits on a fixed input (every rank: a collective under FSDP); rank 0 writes
+    them for the orchestrator's check of the saved final model (orchestrator/supervise/final_model.py)."""
+    from orchestrator.worker.export import fingerprint
+
+    record = fingerprint(trainer.model)
+    if env_rank() == 0:
+        channel.write_json_atomic(wenv.attempt_dir / channel.FINAL_LOGITS_FILE, record)
+
+
 def run(argv: list[str], att: WorkerRun) -> int:
     from transformers import AutoTokenizer, set_seed
     from trl import SFTTrainer
@@ -209,6 +219,7 @@ def run(argv: list[str], att: WorkerRun) -> int:
         att.write_status(channel.WORKER_STOPPED, signal=STOP.signal or "another rank")
         return channel.EXIT_STOPPED
     final_model = save_final_model(trainer)
+    record_final_logits(trainer, wenv)
     att.write_status(channel.WORKER_COMPLETED, final_model=final_model)
     return 0
 

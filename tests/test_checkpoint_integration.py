@@ -95,3 +95,36 @@ def test_orchestrate_checkpoint_saves_a_running_job_now_and_prints_the_path(tmp_
     assert orch(home, "cancel", job_id, timeout=120).returncode == 0
     r = orch(home, "checkpoint", job_id, timeout=60)
     assert r.returncode == 1 and "only a running job can save on demand" in r.stderr
+
+
+def _logits(folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])).logits
+
+
+def test_a_completed_job_has_a_verified_final_model_and_export_writes_one_from_a_sharded_checkpoint(
+        tmp_path, demo_assets):
+    import torch
+
+    home, job_id = _submit(tmp_path, demo_assets, max_steps=8, save_steps=4, save_total_limit=2)
+    job = _wait_state(home, job_id)
+    assert job["state"] == "COMPLETED", job["message"]
+    final = Path(job["final_model"])
+    assert final == Path(job["output_dir"]) and "final model verified" in (Path(job["run_dir"]) / "supervisor.log"
+                                                                           ).read_text()
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in final.iterdir()}
+    out = tmp_path / "exported"
+    r = orch(home, "export", job_id, "--step", "8", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "pytorch_model_fsdp_0").exists() is False and (out / "model.safetensors").is_file()
+    assert torch.allclose(_logits(out), _logits(final), atol=1e-5)      # checkpoint-8 (sharded) = the final weights
+    r = orch(home, "export", job_id, "--step", "4", "--out", str(out), timeout=300)
+    assert r.returncode == 2 and "nothing was overwritten" in r.stderr
+    r = orch(home, "export", job_id, "--step", "4", "--out", str(tmp_path / "step4"), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not torch.allclose(_logits(tmp_path / "step4"), _logits(final), atol=1e-5)

@@ -171,3 +171,15 @@ def spawn_supervisor(job_id: str, home: Path, run_dir: Path, resume: bool = Fals
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env, cwd=str(run_dir))
     return proc.pid
+
+
+def run_module(python: str, module: str, args: list[str], timeout_s: float = 600.0,
+               env: dict | None = None) -> tuple[int, str, str]:
+    """Run ``python -m module args`` to its end (a check the orchestrator must not do in-process, e.g. one
+    that imports torch); ``(exit code, stdout, stderr)``, exit code 124 on timeout."""
+    try:
+        r = subprocess.run([python, "-m", module, *args], capture_output=True, text=True, timeout=timeout_s,
+                           stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired as exc:
+        return 124, str(exc.stdout or ""), f"timed out after {timeout_s:.0f} s"
+    return r.returncode, r.stdout, r.stderr

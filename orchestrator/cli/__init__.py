@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import cmd_jobs, cmd_view
 
     handler = {"submit": cmd_jobs.submit, "validate": cmd_jobs.validate, "cancel": cmd_jobs.cancel,
-               "resume": cmd_jobs.resume, "checkpoint": cmd_jobs.checkpoint, "list": cmd_view.list_jobs, "status": cmd_view.status,
+               "resume": cmd_jobs.resume, "checkpoint": cmd_jobs.checkpoint,
+               "export": cmd_jobs.export, "list": cmd_view.list_jobs, "status": cmd_view.status,
                "logs": cmd_view.logs, "report": cmd_view.report, "demo": cmd_view.demo}[args.verb]
     if args.verb not in ("demo", "validate"):
         _warn_unsupervised(args.verb, getattr(args, "job", None))

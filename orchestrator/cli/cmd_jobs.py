@@ -177,3 +177,17 @@ def checkpoint(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def export(args) -> int:
+    """``orchestrate export JOB [--step N] --out DIR``: a verified Hugging Face folder from a checkpoint."""
+    from ..store.jobs import open_ledger, resolve_job
+    from ..supervise.final_model import export_checkpoint
+    from ..supervise.jobs import load_plan
+
+    ledger = open_ledger()
+    job = resolve_job(ledger, args.job)
+    result = export_checkpoint(job, load_plan(job), args.step, args.out)
+    print(f"{job.id}: checkpoint-{result['step']} -> {result['folder']} (loads with from_pretrained; logits "
+          f"match the checkpoint's, largest difference {result['max_abs_diff']:.1e})")
+    return EXIT_OK

@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("job")
     ck.add_argument("--timeout", type=float, default=900.0, metavar="S", help="seconds to wait (default 900)")
 
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder (verified)",
+                        description="Write the weights of a complete checkpoint of JOB (sharded or full) to --out "
+                        "as a Hugging Face folder (config, safetensors, tokenizer, generation config), then load "
+                        "it with AutoModelForCausalLM.from_pretrained and check its logits against the "
+                        "checkpoint's. --out must not exist or be empty.")
+    ex.add_argument("job")
+    ex.add_argument("--step", type=int, metavar="N", help="checkpoint-N (default: the newest complete one)")
+    ex.add_argument("--out", required=True, metavar="DIR")
+
     r = sub.add_parser("resume", help="take over a job whose supervisor is gone, or rerun a failed one")
     r.add_argument("job")
     r.add_argument("--detach", action="store_true", help="supervise in the background; print only the job id")

@@ -25,7 +25,7 @@ from .records import ATTEMPT_FIELDS, ENDED, JOB_FIELDS, RUNNING, STARTING, Attem
 
 # Where this host keeps its index, if not under the home (a home on a shared filesystem may want it on local disk).
 ENV_INDEX = "ORCHESTRATE_INDEX"
-INDEX_VERSION = 2          # the index is a cache: another version is dropped and rebuilt from the files
+INDEX_VERSION = 3          # the index is a cache: another version is dropped and rebuilt from the files
 _ATTEMPT_COLS = ", ".join(ATTEMPT_FIELDS)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs ({", ".join(JOB_FIELDS)}, file_mtime INTEGER, PRIMARY KEY (id));

@@ -80,6 +80,7 @@ class Job:
     message: str | None = None
     fence: int = 0
     scheduler_job_id: str | None = None   # SLURM: the allocation the job has now (or waits for)
+    final_model: str | None = None        # COMPLETED: the verified Hugging Face folder of the final weights
     attempts: list[AttemptRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

@@ -179,6 +179,7 @@ class Supervisor:
             outcome, end_step = self._follow(handle, attempt)
             self._current = None
             failure = classify(outcome)
+            final_problem = self._check_final_model(handle) if failure is Failure.COMPLETED else None
             gained = (self._verified_step() or 0) > (before or 0)
             history.append(PastAttempt(failure, gained))
             decision = decide(failure, history, self.plan.retry)
@@ -192,6 +193,8 @@ class Supervisor:
             state = job_state_after(failure, decision.retry)
             self._event(f"attempt {attempt} ended: {failure.value}" + (f" ({detail})" if detail else "")
                         + f"; {decision.reason}")
+            if final_problem:
+                return self._finish(JobState.FAILED, f"training completed, but {final_problem}")
             if state.is_terminal:
                 message = decision.reason if state is not JobState.COMPLETED else "completed"
                 if state is JobState.CANCELLED:
@@ -245,6 +248,17 @@ class Supervisor:
             self.ledger.update_job(self.plan.job_id, scheduler_job_id=new_allocation, message=done)
         self.on_event(done)
         return True
+
+    def _check_final_model(self, handle: AttemptHandle) -> str | None:
+        """The final model loads and reproduces the trained logits (else the problem); recorded in the ledger."""
+        from .final_model import verify_final_model
+
+        folder, problem = verify_final_model(self.plan.slurm.get("python") or self.plan.python, handle.attempt_dir,
+                                             env=dict(self.plan.env))
+        if folder and not problem:
+            self.write_job(final_model=folder)
+            self._event(f"final model verified: {folder}")
+        return problem
 
     def _resize(self, nnodes: int) -> None:
         """Go on with ``nnodes`` nodes: the same global batch, more gradient accumulation (issue 12)."""

@@ -36,6 +36,8 @@ HEARTBEAT_S = 2.0
 PHASES = ("setup", "loading", "training", "saving", "evaluating")
 PROGRESS_FILE = "progress.jsonl"
 STATUS_FILE = "status.json"
+# The trained weights' logits on a fixed input (rank 0, at the end): what the saved final model must reproduce.
+FINAL_LOGITS_FILE = "final_logits.json"
 CHECKPOINT_MARKER = ".orchestrate-complete"
 
 # Values of status.json's "state": what the worker says about how its attempt ended.
