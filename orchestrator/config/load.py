@@ -17,6 +17,7 @@ import yaml
 
 from .checkpoint import parse_checkpoint
 from .errors import ConfigError
+from .integrations import check_report_to
 from .launch import LaunchSettings, parse_launch
 from .renames import FSDP1_ONLY_KEYS, translate
 
@@ -82,6 +83,7 @@ def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -
     training, path_problems = _resolve_paths(training, cwd)
     problems += path_problems
     problems += _check_dtype(training)
+    problems += check_report_to(training.get("report_to"))
     fsdp_notices, fsdp_problems = _check_fsdp(training)
     notices += fsdp_notices
     problems += fsdp_problems

@@ -16,6 +16,13 @@ RENAMED_KEYS = {
     "torch_dtype": "dtype",              # transformers 5
     "no_cuda": "use_cpu",                # transformers 4.34
     "warmup_ratio": "warmup_steps",      # transformers 5: a float in [0, 1) is a ratio
+    "model_name": "model_id",            # the seed's script argument for the model
+}
+
+# Script arguments only the seed's own training script read; the worker has no use for them.
+SEED_SCRIPT_ONLY = {
+    "question_key": "read only by the seed's own script; the data set's 'messages' are used",
+    "answer_key": "read only by the seed's own script; the data set's 'messages' are used",
 }
 
 # Keys the libraries dropped. They had no effect the worker can reproduce; drop with a notice.
@@ -50,6 +57,10 @@ def translate(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]
         if old in out:
             out.pop(old)
             notices.append(f"{old}: dropped ({why})")
+    for key, why in SEED_SCRIPT_ONLY.items():
+        if key in out:
+            out.pop(key)
+            notices.append(f"{key}: accepted, no effect ({why})")
     if isinstance(out.get("fsdp_config"), dict):
         out["fsdp_config"] = _strip_fsdp_prefix(out["fsdp_config"], notices)
     fsdp = out.get("fsdp")

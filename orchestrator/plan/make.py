@@ -75,8 +75,12 @@ def make_plan(cfg: JobConfig, topo: Topology, *, job_id: str, home: Path, python
         training["use_cpu"] = True  # gloo; without it FSDP ranks fail on a GPU-less machine
         if cfg.fsdp_enabled and str(fc.get("version", 2)) == "1":
             problems.append("fsdp_config.version: FSDP1 does not run on CPU; use version 2 (the default)")
-        if training.get("bf16") or training.get("tf32"):
-            notices.append("bf16/tf32 requested on a CPU plan; transformers may refuse them without a GPU")
+        if training.get("tf32") is not None:
+            # only a hint for GPU matmuls, and transformers refuses it without an Ampere GPU
+            notices.append(f"tf32: {training.pop('tf32')} dropped on a CPU plan (a GPU matmul precision hint; "
+                           "on a GPU plan it passes through)")
+        if training.get("bf16"):
+            notices.append("bf16 requested on a CPU plan: it runs, slowly, where the CPU supports it")
     performance, perf_notices, perf_problems = _performance(cfg, training, topo, device, nnodes * nproc, model)
     notices += perf_notices
     problems += perf_problems
