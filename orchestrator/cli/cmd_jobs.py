@@ -11,7 +11,7 @@ def validate(args) -> int:
     """``orchestrate validate CONFIG``: check and plan, start nothing."""
     from ..plan.prepare import prepare
 
-    cfg, plan = prepare(args.config)
+    cfg, plan = prepare(args.config, script=args.script)
     print_notices(plan.notices)
     print(f"{args.config}: OK ({plan.device}, {plan.world_size} process(es), {plan.distributed})")
     return EXIT_OK
@@ -25,7 +25,7 @@ def submit(args) -> int:
     from ..supervise.control import detach, take_job
     from ..supervise.jobs import create_job
 
-    cfg, plan = prepare(args.config, backend=args.backend)
+    cfg, plan = prepare(args.config, backend=args.backend, script=args.script)
     if args.dry_run:
         print(describe_plan(plan), end="")
         return EXIT_OK

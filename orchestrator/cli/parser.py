@@ -37,9 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the plan (command, env, paths) and start nothing")
     s.add_argument("--detach", action="store_true", help="supervise in the background; print only the job id")
     s.add_argument("--backend", choices=["local", "slurm"], help="override launch.backend of the config")
+    s.add_argument("--script", metavar="TRAIN.PY", help="run your own training script instead of train_worker.py "
+                   "(launch.script): any script that builds a transformers/TRL Trainer and calls train() is "
+                   "supervised without edits (progress, graceful stop, verified checkpoints, resume)")
 
-    v = sub.add_parser("validate", help="check a config and report every problem; start nothing")
+    v = sub.add_parser("validate", help="check a config and report every problem; start nothing",
+                       description="Check CONFIG as submit would (keys, types, paths, FSDP, report_to, the plan) "
+                       "and report every problem at once. Exit status 0 valid, 2 invalid; nothing is started "
+                       "or written.")
     v.add_argument("config")
+    v.add_argument("--script", metavar="TRAIN.PY", help="validate for your own training script (launch.script)")
 
     ls = sub.add_parser("list", help="jobs in the ledger, newest first")
     ls.add_argument("--state", action="append", help="only jobs in this state (repeatable; RUNNING, FAILED, ...)")

@@ -39,13 +39,21 @@ FSDP_OPTIONS = ("full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybr
                 "offload", "auto_wrap")
 
 
-def translate(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
-    """Return ``(translated, notices, problems)`` for the training keys of a config."""
+# The worker's script arguments: under a user's own script (launch.script) they are the script's business.
+SCRIPT_ARGUMENT_RENAMES = ("model_name",)
+
+
+def translate(cfg: dict[str, Any], own_script: bool = False) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Return ``(translated, notices, problems)`` for the training keys of a config.
+
+    ``own_script``: the job runs the user's script (``launch.script``), whose own arguments
+    (``model_name``, ``question_key``, ...) are left as they are.
+    """
     out = dict(cfg)
     notices: list[str] = []
     problems: list[str] = []
     for old, new in RENAMED_KEYS.items():
-        if old not in out:
+        if old not in out or (own_script and old in SCRIPT_ARGUMENT_RENAMES):
             continue
         value = out.pop(old)
         if new in out and out[new] != value:
@@ -58,7 +66,7 @@ def translate(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]
             out.pop(old)
             notices.append(f"{old}: dropped ({why})")
     for key, why in SEED_SCRIPT_ONLY.items():
-        if key in out:
+        if key in out and not own_script:
             out.pop(key)
             notices.append(f"{key}: accepted, no effect ({why})")
     if isinstance(out.get("fsdp_config"), dict):

@@ -63,6 +63,8 @@ def phase_text(s: Snapshot) -> str | None:
         return None
     since = hb.get("since")
     took = f" for {fmt_duration(s.now - since)}" if isinstance(since, (int, float)) else ""
+    if hb["phase"] == "script":   # orchestrator/worker/script_runner.py: no Trainer created (yet)
+        return f"running the script{took}: it has created no Trainer yet, so no progress is reported"
     return f"{hb['phase']}{took}" + (f" (step {hb['step']})" if hb.get("step") else "")
 
 
