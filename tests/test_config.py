@@ -474,3 +474,14 @@ def test_validate_refuses_report_to_wandb_when_wandb_is_missing(tmp_path):
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(path)], cwd=workdir,
                        capture_output=True, text=True, env={**os.environ, "ORCHESTRATE_HOME": str(tmp_path / "h")})
     assert r.returncode == 2 and "report_to: 'wandb' needs the wandb package" in r.stderr
+
+
+def test_contradictory_fsdp_settings_are_refused_and_seed_false_strings_are_booleans(tmp_path):
+    workdir = make_demo_workdir(tmp_path / "work")
+    probs = problems_of(workdir, 'fsdp: "full_shard offload"\nfsdp_config:\n  sharding_strategy: NO_SHARD\n')
+    assert probs == ["fsdp: 'full_shard' contradicts fsdp_config.sharding_strategy: NO_SHARD; keep one"]
+    cfg = load(workdir, 'fsdp: "full_shard auto_wrap"\nfsdp_config:\n  forward_prefetch: "false"\n'
+                        '  sharding_strategy: FULL_SHARD\n  offload_params: "false"\n')
+    assert cfg.training["fsdp_config"]["forward_prefetch"] is False
+    assert any("sharding_strategy, offload_params only apply to FSDP1" in n or
+               ("sharding_strategy" in n and "ignored under FSDP2" in n) for n in cfg.notices), cfg.notices

@@ -262,15 +262,16 @@ def test_rank_logs_order_and_global_ranks_on_slurm_nodes(tmp_path):
     assert next(r for r in logs if r.rank == 3).path.parts[-5] == "node1"
 
 
-def test_first_error_is_the_earliest_record_then_a_killed_rank(tmp_path):
+def test_first_error_is_a_killed_rank_then_the_earliest_record(tmp_path):
+    # issue 13: after a kill -9 of rank 1, rank 0's "Connection reset by peer" is an echo, not the cause
     assert first_error(tmp_path) is None
-    channel.write_json_atomic(tmp_path / "agent.json", {"failures": {"0": {"signal": "SIGTERM", "exitcode": -15},
-                                                                     "1": {"signal": "SIGKILL", "exitcode": -9}}})
-    assert first_error(tmp_path).line() == "rank 1: killed by SIGKILL (exit -9)"
     for rank, t, msg in ((0, 20.0, "echo: connection reset"), (3, 10.0, "CUDA error\nsecond line")):
         channel.write_json_atomic(tmp_path / f"error-rank{rank}.json", {"rank": rank, "type": "RuntimeError",
                                                                         "message": msg, "time": t, "step": 5})
     assert first_error(tmp_path).line() == "rank 3 (step 5): RuntimeError: CUDA error"
+    channel.write_json_atomic(tmp_path / "agent.json", {"failures": {"0": {"signal": "SIGTERM", "exitcode": -15},
+                                                                     "1": {"signal": "SIGKILL", "exitcode": -9}}})
+    assert first_error(tmp_path).line() == "rank 1: killed by SIGKILL (exit -9)"
 
 
 def test_find_traceback_returns_the_block(tmp_path):

@@ -33,7 +33,7 @@ REMOVED_KEYS = {
 
 # FSDP1-only keys that FSDP2 (the default) ignores.
 FSDP1_ONLY_KEYS = ("backward_prefetch", "forward_prefetch", "use_orig_params", "sync_module_states",
-                   "limit_all_gathers")
+                   "limit_all_gathers", "sharding_strategy", "offload_params")
 
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2",
                 "offload", "auto_wrap")
@@ -84,12 +84,15 @@ def _is_bool_string(value: Any) -> bool:
 
 
 def _strip_fsdp_prefix(fsdp_config: dict, notices: list[str]) -> dict:
-    """accelerate's YAML uses ``fsdp_``-prefixed names; transformers strips them too."""
+    """accelerate's YAML uses ``fsdp_``-prefixed names; transformers strips them too. The seed's quoted
+    ``"false"``/``"true"`` become booleans (a non-empty string is true to Python)."""
     out = {}
     for key, value in fsdp_config.items():
         if isinstance(key, str) and key.startswith("fsdp_"):
             notices.append(f"fsdp_config.{key} -> fsdp_config.{key[5:]}")
             key = key[5:]
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
         out[key] = value
     return out
 
@@ -109,6 +112,14 @@ def _translate_fsdp_string(out: dict, fsdp: str | list, notices: list[str], prob
     if out.get("fsdp_config") is not None and not isinstance(out["fsdp_config"], dict):
         return  # fsdp_config is a JSON file (or a type problem reported later): transformers applies the string
     fsdp_config = dict(out.get("fsdp_config") or {})
+    given = str(fsdp_config.get("sharding_strategy") or "").strip().lower()
+    if strategies and given and given != strategies[0]:
+        problems.append(f"fsdp: {strategies[0]!r} contradicts fsdp_config.sharding_strategy: "
+                        f"{fsdp_config['sharding_strategy']}; keep one")
+        return
+    if "offload" in words and fsdp_config.get("offload_params") is False:
+        problems.append("fsdp: 'offload' contradicts fsdp_config.offload_params: false; keep one")
+        return
     version = int(fsdp_config.get("version", 2)) if str(fsdp_config.get("version", 2)).isdigit() else 2
     if strategies:
         strategy = strategies[0]
