@@ -492,3 +492,13 @@ def test_a_job_whose_supervisor_is_gone_is_marked_with_the_command_that_adopts_i
     queued = Snapshot(job(backend="slurm", state=JobState.PENDING, scheduler_job_id="77"), prog(0), NOW,
                       supervisor=SupervisorHealth(alive=False))
     assert "GONE" not in text_of(job_detail(queued), 200) and "SLURM job 77" in text_of(job_detail(queued), 200)
+
+
+def test_while_an_attempt_starts_the_table_says_so_instead_of_the_last_event():
+    starting = Snapshot(job(message="attempt 1 started", attempts=[attempt(1)]), prog(0, losses=[]), NOW,
+                        heartbeat={"phase": "loading", "since": NOW - 5})
+    text = text_of(jobs_table([starting]), 200)
+    assert "starting up (loading)" in text and "attempt 1 started" not in text
+    training = Snapshot(job(message="attempt 1 started", attempts=[attempt(1)]), prog(), NOW,
+                        heartbeat={"phase": "training", "since": NOW - 5})
+    assert "starting up" not in text_of(jobs_table([training]), 200)

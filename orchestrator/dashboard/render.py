@@ -142,9 +142,24 @@ _JOB_COLS = [Col("job", 0), Col("name", 9), Col("backend", 8), Col("state", 0), 
              Col("elapsed", 4, right=True), Col("last event", 10, flex=True)]
 
 
+def _starting(s: Snapshot) -> str | None:
+    """While an attempt starts (no training step of it yet): what it is doing, from rank 0's heartbeat."""
+    if s.job.state.value != "RUNNING":
+        return None
+    phase = (s.heartbeat or {}).get("phase")
+    if phase in ("setup", "loading"):
+        return f"starting up ({phase})"
+    if phase is None and not s.progress.step:
+        return "starting up (launching the ranks)"
+    return None
+
+
 def _last_event(s: Snapshot):
     if supervisor_gone(s):
         return ((f"! supervisor gone: orchestrate resume {s.job.id}", "bold red"),)
+    starting = _starting(s)
+    if starting:
+        return ((starting, "yellow"),)
     return (((s.job.message or "").splitlines()[0] if s.job.message else "", "dim"),)
 
 
