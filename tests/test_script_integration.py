@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from orch_helpers import orch, progress, status, wait_for
+from orch_helpers import orch, progress, status, wait_end, wait_for
 
 from orchestrator.backends.processes import rank_pids
 
@@ -46,8 +46,7 @@ def _submit(tmp_path, cfg, script_name=SCRIPT.name, env=None) -> tuple[Path, str
 
 
 def _wait_end(home, job_id):
-    return wait_for(lambda: (lambda j: j if j["state"] in ("COMPLETED", "FAILED", "CANCELLED") else None)(
-        status(home, job_id)), 420, f"{job_id} to end", interval=0.5)
+    return wait_end(home, job_id, 420)
 
 
 def _weights(checkpoint: Path, base: Path) -> dict:
