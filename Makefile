@@ -24,7 +24,7 @@ demo: $(STAMP)
 # Everything: unit tests, real-torchrun integration tests and the SLURM tests (what CI runs;
 # the SLURM ones skip with a reason unless SLURM_CONF points at a cluster: scripts/slurm-lab.sh).
 test: $(STAMP)
-	$(PY) -m pytest -m "integration or slurm or not integration"
+	$(PY) -m pytest -v -m "integration or slurm or not integration"
 
 # Only the fast unit tests (pytest's default selection).
 unit: $(STAMP)

@@ -64,6 +64,21 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_end(home: Path, job_id: str, timeout: float = 420) -> dict:
+    """The job's status once it is COMPLETED, FAILED or CANCELLED."""
+    return wait_for(lambda: (lambda j: j if j["state"] in ("COMPLETED", "FAILED", "CANCELLED") else None)(
+        status(home, job_id)), timeout, f"{job_id} to end", interval=0.3)
+
+
+def submit_detached(tmp_path: Path, assets: Path, launch: dict, env=None, **training) -> tuple[Path, str]:
+    """The demo config with ``training`` keys and ``launch``, submitted --detach: ``(home, job id)``."""
+    cfg = write_config(tmp_path, assets, launch=launch, **training)
+    home = tmp_path / "home"
+    r = orch(home, "submit", "--detach", str(cfg), cwd=tmp_path, env_extra=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return home, r.stdout.strip()
+
+
 def progress(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "progress.jsonl"
     if not path.exists():

@@ -421,3 +421,67 @@ def test_the_plan_saves_by_steps_or_tells_the_worker_the_interval(tmp_path):
         _, plan = prepare(str(path), home=tmp_path / "home", topology=topo, cwd=str(workdir), job_id="ck")
         assert plan.worker_config.get("save_steps") == want_steps
         assert plan.env.get("ORCHESTRATE_SAVE_EVERY_S") == want_env
+
+
+# --- the seed's own YAML (issue 13) --------------------------------------------------------------
+
+SEED_ONLY = """\
+model_name: .demo/model
+dataset_path: .demo/data
+question_key: question
+answer_key: answer
+max_steps: 10
+"""
+
+
+def test_the_seeds_model_name_and_script_only_keys_are_accepted_with_a_notice(tmp_path):
+    workdir = make_demo_workdir(tmp_path / "work")
+    cfg = load(workdir, "", base=SEED_ONLY)
+    assert cfg.training["model_id"] == str(workdir / ".demo/model") and "model_name" not in cfg.training
+    assert "question_key" not in cfg.training and "answer_key" not in cfg.training
+    assert "model_name -> model_id (renamed in the current libraries)" in cfg.notices
+    assert any(n.startswith("question_key: accepted, no effect") for n in cfg.notices)
+
+
+def test_tf32_is_dropped_on_a_cpu_plan_and_kept_on_a_gpu_plan(tmp_path):
+    workdir = make_demo_workdir(tmp_path / "work")
+    path = write_config(workdir / "job.yaml", BASE_YAML + "tf32: true\n")
+    _, cpu = prepare(str(path), home=tmp_path / "h", topology=TOPOLOGIES["cpu"], cwd=str(workdir), job_id="a")
+    assert "tf32" not in cpu.worker_config and any(n.startswith("tf32: True dropped on a CPU plan") for n in cpu.notices)
+    _, gpu = prepare(str(path), home=tmp_path / "h", topology=TOPOLOGIES["8gpu"], cwd=str(workdir), job_id="b")
+    assert gpu.worker_config["tf32"] is True
+
+
+def test_a_report_to_integration_that_is_not_installed_is_an_error_naming_the_package():
+    from orchestrator.config.integrations import check_report_to
+
+    none_installed = lambda module: False  # noqa: E731
+    assert check_report_to("wandb", none_installed) == [
+        "report_to: 'wandb' needs the wandb package, which is not installed here (pip install wandb), "
+        "or set report_to: none"]
+    assert check_report_to(["none"], none_installed) == [] and check_report_to("all", none_installed) == []
+    assert check_report_to(["tensorboard"], lambda m: m == "tensorboardX") == []
+    assert "unknown integration 'wandbb'" in check_report_to("wandbb")[0]
+
+
+def test_validate_refuses_report_to_wandb_when_wandb_is_missing(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    workdir = make_demo_workdir(tmp_path / "work")
+    path = write_config(workdir / "job.yaml", BASE_YAML + "report_to: wandb\n")
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(path)], cwd=workdir,
+                       capture_output=True, text=True, env={**os.environ, "ORCHESTRATE_HOME": str(tmp_path / "h")})
+    assert r.returncode == 2 and "report_to: 'wandb' needs the wandb package" in r.stderr
+
+
+def test_contradictory_fsdp_settings_are_refused_and_seed_false_strings_are_booleans(tmp_path):
+    workdir = make_demo_workdir(tmp_path / "work")
+    probs = problems_of(workdir, 'fsdp: "full_shard offload"\nfsdp_config:\n  sharding_strategy: NO_SHARD\n')
+    assert probs == ["fsdp: 'full_shard' contradicts fsdp_config.sharding_strategy: NO_SHARD; keep one"]
+    cfg = load(workdir, 'fsdp: "full_shard auto_wrap"\nfsdp_config:\n  forward_prefetch: "false"\n'
+                        '  sharding_strategy: FULL_SHARD\n  offload_params: "false"\n')
+    assert cfg.training["fsdp_config"]["forward_prefetch"] is False
+    assert any("sharding_strategy, offload_params only apply to FSDP1" in n or
+               ("sharding_strategy" in n and "ignored under FSDP2" in n) for n in cfg.notices), cfg.notices

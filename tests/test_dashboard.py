@@ -262,15 +262,16 @@ def test_rank_logs_order_and_global_ranks_on_slurm_nodes(tmp_path):
     assert next(r for r in logs if r.rank == 3).path.parts[-5] == "node1"
 
 
-def test_first_error_is_the_earliest_record_then_a_killed_rank(tmp_path):
+def test_first_error_is_a_killed_rank_then_the_earliest_record(tmp_path):
+    # issue 13: after a kill -9 of rank 1, rank 0's "Connection reset by peer" is an echo, not the cause
     assert first_error(tmp_path) is None
-    channel.write_json_atomic(tmp_path / "agent.json", {"failures": {"0": {"signal": "SIGTERM", "exitcode": -15},
-                                                                     "1": {"signal": "SIGKILL", "exitcode": -9}}})
-    assert first_error(tmp_path).line() == "rank 1: killed by SIGKILL (exit -9)"
     for rank, t, msg in ((0, 20.0, "echo: connection reset"), (3, 10.0, "CUDA error\nsecond line")):
         channel.write_json_atomic(tmp_path / f"error-rank{rank}.json", {"rank": rank, "type": "RuntimeError",
                                                                         "message": msg, "time": t, "step": 5})
     assert first_error(tmp_path).line() == "rank 3 (step 5): RuntimeError: CUDA error"
+    channel.write_json_atomic(tmp_path / "agent.json", {"failures": {"0": {"signal": "SIGTERM", "exitcode": -15},
+                                                                     "1": {"signal": "SIGKILL", "exitcode": -9}}})
+    assert first_error(tmp_path).line() == "rank 1: killed by SIGKILL (exit -9)"
 
 
 def test_find_traceback_returns_the_block(tmp_path):
@@ -491,3 +492,13 @@ def test_a_job_whose_supervisor_is_gone_is_marked_with_the_command_that_adopts_i
     queued = Snapshot(job(backend="slurm", state=JobState.PENDING, scheduler_job_id="77"), prog(0), NOW,
                       supervisor=SupervisorHealth(alive=False))
     assert "GONE" not in text_of(job_detail(queued), 200) and "SLURM job 77" in text_of(job_detail(queued), 200)
+
+
+def test_while_an_attempt_starts_the_table_says_so_instead_of_the_last_event():
+    starting = Snapshot(job(message="attempt 1 started", attempts=[attempt(1)]), prog(0, losses=[]), NOW,
+                        heartbeat={"phase": "loading", "since": NOW - 5})
+    text = text_of(jobs_table([starting]), 200)
+    assert "starting up (loading)" in text and "attempt 1 started" not in text
+    training = Snapshot(job(message="attempt 1 started", attempts=[attempt(1)]), prog(), NOW,
+                        heartbeat={"phase": "training", "since": NOW - 5})
+    assert "starting up" not in text_of(jobs_table([training]), 200)

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from orch_helpers import orch, progress, status, wait_for, write_config
+from orch_helpers import orch, progress, status, wait_end, write_config
 
 from orchestrator.worker.checkpoints import read_marker
 
@@ -38,8 +38,7 @@ def _run(tmp_path, assets, name, env, launch=None):
 
 
 def _wait_end(home, job_id):
-    return wait_for(lambda: (lambda j: j if j["state"] in ("COMPLETED", "FAILED", "CANCELLED") else None)(
-        status(home, job_id)), 600, f"{job_id} to end", interval=0.5)
+    return wait_end(home, job_id, 600)
 
 
 def _per_step(run_dir) -> tuple[dict[int, dict], dict[int, Counter]]:

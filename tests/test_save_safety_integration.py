@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from orch_helpers import job_processes, orch, progress, status, wait_for, write_config
+from orch_helpers import job_processes, orch, progress, status, submit_detached, wait_end, wait_for
 
 from orchestrator.worker.checkpoints import list_checkpoints, newest_complete, verify_checkpoint
 
@@ -18,16 +18,11 @@ LAUNCH = {"retry": {"backoff_s": 0.5, "max_restarts": 4}, "watchdog": {"startup_
 def _submit(tmp_path, assets, env=None, launch=None, **kw):
     opts = dict(max_steps=8, save_steps=2, logging_steps=1, save_total_limit=1)
     opts.update(kw)
-    cfg = write_config(tmp_path, assets, launch={**LAUNCH, **(launch or {})}, **opts)
-    home = tmp_path / "home"
-    r = orch(home, "submit", "--detach", str(cfg), cwd=tmp_path, env_extra=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return home, r.stdout.strip()
+    return submit_detached(tmp_path, assets, {**LAUNCH, **(launch or {})}, env=env, **opts)
 
 
 def _wait_state(home, job_id, timeout=420):
-    return wait_for(lambda: (lambda j: j if j["state"] in ("COMPLETED", "FAILED", "CANCELLED") else None)(
-        status(home, job_id)), timeout, f"{job_id} to end", interval=0.3)
+    return wait_end(home, job_id, timeout)
 
 
 class CompleteCheckpointWatch:

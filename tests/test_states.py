@@ -72,6 +72,13 @@ CASES = {
         "PermissionError", "denied", "setup", errno=13)), Failure.USER_ERROR),
     "an OSError without errno during setup (hub loading)": (Outcome(1, agent=agent(1), error=error(
         "OSError", "Can't load tokenizer", "setup")), Failure.USER_ERROR),
+    "a reporting integration not installed (set-up)": (Outcome(1, agent=agent(1), error=error(
+        "RuntimeError", "WandbCallback requires wandb to be installed. Run `pip install wandb`.", "setup")),
+        Failure.USER_ERROR),
+    "a package not installed, worded otherwise (set-up)": (Outcome(1, agent=agent(1), error=error(
+        "RuntimeError", "liger_kernel is not installed", "setup")), Failure.USER_ERROR),
+    "the same words while training are retried": (Outcome(1, agent=agent(1), error=error(
+        "RuntimeError", "foo requires bar to be installed", "train")), Failure.CRASHED),
     "rank killed by SIGKILL": (Outcome(1, agent=agent(1, -9)), Failure.KILLED),
     "rank killed by SIGSEGV": (Outcome(1, agent=agent(-11)), Failure.KILLED),
     "agent missing, rc -9": (Outcome(-9), Failure.WORKER_LOST),

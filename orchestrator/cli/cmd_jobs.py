@@ -11,10 +11,38 @@ def validate(args) -> int:
     """``orchestrate validate CONFIG``: check and plan, start nothing."""
     from ..plan.prepare import prepare
 
-    cfg, plan = prepare(args.config)
+    cfg, plan = prepare(args.config, script=args.script)
+    _check_output_dir(cfg, plan)    # what submit would refuse, validate refuses too
     print_notices(plan.notices)
     print(f"{args.config}: OK ({plan.device}, {plan.world_size} process(es), {plan.distributed})")
     return EXIT_OK
+
+
+def _as_if(args):
+    """``--gpus N [--gpu-memory GIB]``: this machine's CPUs with N GPUs of that memory (None: detect)."""
+    if args.gpus is None:
+        if args.gpu_memory is not None:
+            raise JobError("--gpu-memory needs --gpus")
+        return None
+    import os
+    import socket
+
+    from ..plan.topology import Topology
+
+    if args.gpus < 0:
+        raise JobError(f"--gpus: expected 0 or more, got {args.gpus}")
+    return Topology(gpus=args.gpus, cpus=os.cpu_count() or 1, hostname=socket.gethostname(),
+                    gpu_memory_gib=args.gpu_memory if args.gpus else None)
+
+
+def _check_output_dir(cfg, plan) -> None:
+    """An output_dir holding another job's (or anybody's) checkpoints is refused before anything starts."""
+    from ..store.jobs import open_ledger
+    from ..store.paths import orchestrate_home
+    from ..supervise.jobs import check_output_dir
+
+    known = (orchestrate_home() / "runs").is_dir()   # no jobs yet: nothing to open (validate writes nothing)
+    check_output_dir(plan, cfg, open_ledger() if known else None)
 
 
 def submit(args) -> int:
@@ -25,7 +53,11 @@ def submit(args) -> int:
     from ..supervise.control import detach, take_job
     from ..supervise.jobs import create_job
 
-    cfg, plan = prepare(args.config, backend=args.backend)
+    if (args.gpus is not None or args.gpu_memory is not None) and not args.dry_run:
+        raise JobError("--gpus/--gpu-memory preview a plan: use them with --dry-run (a real job plans on the GPUs "
+                       "it finds)")
+    cfg, plan = prepare(args.config, backend=args.backend, script=args.script, topology=_as_if(args))
+    _check_output_dir(cfg, plan)
     if args.dry_run:
         print(describe_plan(plan), end="")
         return EXIT_OK

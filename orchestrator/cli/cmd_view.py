@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from .common import EXIT_OK, EXIT_USAGE
 
@@ -69,7 +70,7 @@ def report(args) -> int:
 
     job = resolve_job(open_ledger(), args.job)
     try:
-        out = write_report(job, args.out or f"{job.id}.png")
+        out = write_report(job, args.out or str(Path(job.run_dir) / "report.png"))   # not into a repository
     except ReportUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -19,7 +19,8 @@ its trend, tokens/s, ETA, last verified checkpoint, elapsed time). With JOB: tha
 job in detail (loss curve, attempts and why each ended, first error, where the logs
 are). On a terminal the view refreshes until Ctrl-C, which only leaves the view:
 the jobs keep running. Without a terminal, or with --once, one frame is printed
-as plain text."""
+as plain text. "att 2/4": attempt 2 of at most 4 (1 + launch.retry.max_restarts;
+graceful stops such as preemption are not counted against it)."""
 
 LOGS_HELP = """\
 Every rank's stdout and stderr with a [rank R] prefix (like tail; -f follows).
@@ -37,13 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the plan (command, env, paths) and start nothing")
     s.add_argument("--detach", action="store_true", help="supervise in the background; print only the job id")
     s.add_argument("--backend", choices=["local", "slurm"], help="override launch.backend of the config")
+    s.add_argument("--gpus", type=int, metavar="N", help="with --dry-run: plan as on a machine with N GPUs "
+                   "(e.g. a cluster node, from a laptop or a login node without GPUs)")
+    s.add_argument("--gpu-memory", type=float, metavar="GIB", help="with --gpus: memory of each GPU in GiB "
+                   "(for the memory estimate and its choices; default: unknown)")
+    s.add_argument("--script", metavar="TRAIN.PY", help="run your own training script instead of train_worker.py "
+                   "(launch.script): any script that builds a transformers/TRL Trainer and calls train() is "
+                   "supervised without edits (progress, graceful stop, verified checkpoints, resume)")
 
-    v = sub.add_parser("validate", help="check a config and report every problem; start nothing")
+    v = sub.add_parser("validate", help="check a config and report every problem; start nothing",
+                       description="Check CONFIG as submit would (keys, types, paths, FSDP, report_to, the plan) "
+                       "and report every problem at once. Exit status 0 valid, 2 invalid; nothing is started "
+                       "or written.")
     v.add_argument("config")
+    v.add_argument("--script", metavar="TRAIN.PY", help="validate for your own training script (launch.script)")
 
-    ls = sub.add_parser("list", help="jobs in the ledger, newest first")
+    ls = sub.add_parser("list", help="jobs in the ledger, newest first",
+                        description="One line per job (id, name, state, attempts, step, when): read from this "
+                        "host's index of the run directories, fast for any number of jobs.")
     ls.add_argument("--state", action="append", help="only jobs in this state (repeatable; RUNNING, FAILED, ...)")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="every job's ledger record as JSON")
 
     st = sub.add_parser("status", help="live view of all jobs, or of one job in detail",
                         description=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output (one frame)")
     st.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between frames (default 1)")
 
-    c = sub.add_parser("cancel", help="end a job and every process of it")
+    c = sub.add_parser("cancel", help="end a job and every process of it",
+                       description="Ask the job's supervisor to end it (or act directly if none is alive, or "
+                       "scancel a SLURM job still waiting in the queue), then check that no process of the job "
+                       "is left. Checkpoints stay; `orchestrate resume JOB` continues a cancelled job.")
     c.add_argument("job")
 
     ck = sub.add_parser("checkpoint", help="save a running job's checkpoint now; print its path when complete",
@@ -72,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--step", type=int, metavar="N", help="checkpoint-N (default: the newest complete one)")
     ex.add_argument("--out", required=True, metavar="DIR")
 
-    r = sub.add_parser("resume", help="take over a job whose supervisor is gone, or rerun a failed one")
+    r = sub.add_parser("resume", help="take over a job whose supervisor is gone, or rerun a failed one",
+                       description="Adopt a job whose supervisor died (its running attempt is followed again, "
+                       "not restarted), or run a FAILED or CANCELLED job again from its newest complete "
+                       "checkpoint with a fresh retry budget. Two resumes at once: one takes the job, the "
+                       "other says who has it. The job's frozen plan is used, never an edited config file.")
     r.add_argument("job")
     r.add_argument("--detach", action="store_true", help="supervise in the background; print only the job id")
     r.add_argument("--nproc-per-node", type=int, metavar="M", help="resume an ended job on M processes per node, "
@@ -91,12 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--errors", action="store_true", help="only the first error of the (last failed) attempt "
                     "and its traceback")
 
-    rp = sub.add_parser("report", help="write a PNG of loss and tokens/s over steps (needs matplotlib)")
+    rp = sub.add_parser("report", help="write a PNG of loss and tokens/s over steps (needs matplotlib)",
+                        description="Loss and tokens/s over steps, one colour per attempt, with the steps where "
+                        "an attempt resumed and the checkpoints marked. Written to the job's run directory "
+                        "(report.png) unless --out says where; prints the path.")
     rp.add_argument("job")
-    rp.add_argument("--out", help="PNG file to write (default: ./<job id>.png)")
+    rp.add_argument("--out", help="PNG file to write (default: <run dir>/report.png)")
 
-    d = sub.add_parser("demo", help="build the tiny local demo model and data set")
+    d = sub.add_parser("demo", help="build the tiny local demo model and data set",
+                       description="Write a tiny random Llama, a tokenizer trained locally and a small chat data "
+                       "set into --dir (no network), for configs/demo.yaml. Kept and reused if present.")
     d.add_argument("action", choices=["prepare"])
-    d.add_argument("--dir", default=".demo")
-    d.add_argument("--force", action="store_true")
+    d.add_argument("--dir", default=".demo", help="where to write them (default: .demo)")
+    d.add_argument("--force", action="store_true", help="rebuild the assets even if --dir already has them")
     return p

@@ -59,6 +59,7 @@ class LaunchSettings:
     slurm: Mapping[str, Any] = field(default_factory=dict)
     performance: PerformanceSettings = field(default_factory=PerformanceSettings)  # issue 6 (performance.py)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)     # issue 12 (checkpoint.py)
+    script: str | None = None      # issue 13: the user's own training script instead of train_worker.py
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
@@ -98,6 +99,11 @@ def parse_launch(raw: Any) -> tuple[LaunchSettings, list[str]]:
         problems.append(f"launch.stop_signal: expected one of {list(STOP_SIGNALS)}, got {sig!r}")
     else:
         values["stop_signal"] = sig
+    script = raw.get("script")
+    if script is not None and (not isinstance(script, str) or not script.strip()):
+        problems.append(f"launch.script: expected the path of a Python training script, got {script!r}")
+    elif script is not None:
+        values["script"] = script
     values["retry"] = _parse_section("launch.retry", raw.get("retry"), RetryPolicy, problems)
     values["watchdog"] = _parse_section("launch.watchdog", raw.get("watchdog"), WatchdogPolicy, problems)
     # issue 4: launch.slurm and its profile from slurm_templates/ (config/slurm.py)

@@ -17,6 +17,7 @@ import yaml
 
 from .checkpoint import parse_checkpoint
 from .errors import ConfigError
+from .integrations import check_report_to
 from .launch import LaunchSettings, parse_launch
 from .renames import FSDP1_ONLY_KEYS, translate
 
@@ -60,28 +61,40 @@ class JobConfig:
         return self.launch.name or self.source.stem
 
 
-def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> JobConfig:
-    """Read and validate ``path``. Relative paths in it resolve against ``cwd``, as torchrun would."""
+def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None, script: str | None = None) -> JobConfig:
+    """Read and validate ``path``. Relative paths in it resolve against ``cwd``, as torchrun would.
+
+    ``script`` (``submit --script``) replaces ``launch.script``: the user's own training script runs
+    instead of ``train_worker.py``; keys the schema does not know are then left to it (one notice).
+    """
     source = Path(path)
     cwd = Path(cwd or os.getcwd())
     raw = _read_yaml(source)
     launch_raw = raw.pop("launch", None)
     launch, problems = parse_launch(launch_raw)
-    training, notices, rename_problems = translate(raw)
+    if script:
+        launch = dataclasses.replace(launch, script=script)
+    if launch.script:
+        launch, script_problems = _resolve_script(launch, cwd)
+        problems += script_problems
+    own = bool(launch.script)
+    training, notices, rename_problems = translate(raw, own_script=own)
     problems += rename_problems
     # launch.checkpoint is checked against the training keys it may contradict (save_steps)
     checkpoint, ckpt_problems = parse_checkpoint(launch_raw.get("checkpoint") if isinstance(launch_raw, dict)
                                                  else None, training)
     launch = dataclasses.replace(launch, checkpoint=checkpoint)
     problems += ckpt_problems
-    training, type_notices, type_problems = _check_keys(training)
+    training, type_notices, type_problems = _check_keys(training, leave_unknown=own)
     notices += type_notices
     problems += type_problems
     problems += _check_ranges(training)
-    problems += _check_required(training)
-    training, path_problems = _resolve_paths(training, cwd)
+    if not own:   # model_id/dataset_path are train_worker.py's arguments; a script has its own
+        problems += _check_required(training)
+    training, path_problems = _resolve_paths(training, cwd, own_script=own)
     problems += path_problems
     problems += _check_dtype(training)
+    problems += check_report_to(training.get("report_to"))
     fsdp_notices, fsdp_problems = _check_fsdp(training)
     notices += fsdp_notices
     problems += fsdp_problems
@@ -107,12 +120,26 @@ def _read_yaml(source: Path) -> dict:
     return data
 
 
-def _check_keys(training: dict) -> tuple[dict, list[str], list[str]]:
+def _resolve_script(launch: LaunchSettings, cwd: Path) -> tuple[LaunchSettings, list[str]]:
+    p = (cwd / Path(launch.script).expanduser()).absolute()
+    if not p.is_file():
+        return launch, [f"launch.script: {p} is not a file"]
+    return dataclasses.replace(launch, script=str(p)), []
+
+
+def _check_keys(training: dict, leave_unknown: bool = False) -> tuple[dict, list[str], list[str]]:
+    """Types of known keys; unknown keys are problems, or (``leave_unknown``: a user's script) its own."""
     from .schema import check_value, closest, known_keys
 
     known = known_keys()
     out, notices, problems = {}, [], []
+    left = [k for k in training if k not in known] if leave_unknown else []
+    if left:
+        notices.append(f"left to the script (not TrainingArguments/SFTConfig keys): {', '.join(left)}")
     for key, value in training.items():
+        if key in left:
+            out[key] = value
+            continue
         if key not in known:
             hint = closest(key, known)
             problems.append(f"{key}: unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
@@ -154,10 +181,11 @@ def _looks_like_path(value: str, cwd: Path) -> bool:
     return value.startswith((".", "/", "~")) or (cwd / value).exists()
 
 
-def _resolve_paths(training: dict, cwd: Path) -> tuple[dict, list[str]]:
-    """Make local paths absolute (the job may run elsewhere) and check they exist."""
+def _resolve_paths(training: dict, cwd: Path, own_script: bool = False) -> tuple[dict, list[str]]:
+    """Make local paths absolute (the job may run elsewhere) and check they exist (a user's script reads
+    its model and data its own way: only output_dir and resume_from_checkpoint are ours then)."""
     out, problems = dict(training), []
-    model = training.get("model_id")
+    model = training.get("model_id") if not own_script else None
     if isinstance(model, str) and model and _looks_like_path(model, cwd):
         p = (cwd / Path(model).expanduser()).absolute()
         out["model_id"] = str(p)
@@ -165,7 +193,7 @@ def _resolve_paths(training: dict, cwd: Path) -> tuple[dict, list[str]]:
             problems.append(f"model_id: model folder {p} does not exist")
         elif not (p / "config.json").is_file():
             problems.append(f"model_id: {p} has no config.json (not a saved model folder)")
-    data = training.get("dataset_path")
+    data = training.get("dataset_path") if not own_script else None
     if isinstance(data, str) and data:
         p = (cwd / Path(data).expanduser()).absolute()
         out["dataset_path"] = str(p)

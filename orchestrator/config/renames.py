@@ -16,6 +16,13 @@ RENAMED_KEYS = {
     "torch_dtype": "dtype",              # transformers 5
     "no_cuda": "use_cpu",                # transformers 4.34
     "warmup_ratio": "warmup_steps",      # transformers 5: a float in [0, 1) is a ratio
+    "model_name": "model_id",            # the seed's script argument for the model
+}
+
+# Script arguments only the seed's own training script read; the worker has no use for them.
+SEED_SCRIPT_ONLY = {
+    "question_key": "read only by the seed's own script; the data set's 'messages' are used",
+    "answer_key": "read only by the seed's own script; the data set's 'messages' are used",
 }
 
 # Keys the libraries dropped. They had no effect the worker can reproduce; drop with a notice.
@@ -26,19 +33,27 @@ REMOVED_KEYS = {
 
 # FSDP1-only keys that FSDP2 (the default) ignores.
 FSDP1_ONLY_KEYS = ("backward_prefetch", "forward_prefetch", "use_orig_params", "sync_module_states",
-                   "limit_all_gathers")
+                   "limit_all_gathers", "sharding_strategy", "offload_params")
 
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2",
                 "offload", "auto_wrap")
 
 
-def translate(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
-    """Return ``(translated, notices, problems)`` for the training keys of a config."""
+# The worker's script arguments: under a user's own script (launch.script) they are the script's business.
+SCRIPT_ARGUMENT_RENAMES = ("model_name",)
+
+
+def translate(cfg: dict[str, Any], own_script: bool = False) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Return ``(translated, notices, problems)`` for the training keys of a config.
+
+    ``own_script``: the job runs the user's script (``launch.script``), whose own arguments
+    (``model_name``, ``question_key``, ...) are left as they are.
+    """
     out = dict(cfg)
     notices: list[str] = []
     problems: list[str] = []
     for old, new in RENAMED_KEYS.items():
-        if old not in out:
+        if old not in out or (own_script and old in SCRIPT_ARGUMENT_RENAMES):
             continue
         value = out.pop(old)
         if new in out and out[new] != value:
@@ -50,6 +65,10 @@ def translate(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]
         if old in out:
             out.pop(old)
             notices.append(f"{old}: dropped ({why})")
+    for key, why in SEED_SCRIPT_ONLY.items():
+        if key in out and not own_script:
+            out.pop(key)
+            notices.append(f"{key}: accepted, no effect ({why})")
     if isinstance(out.get("fsdp_config"), dict):
         out["fsdp_config"] = _strip_fsdp_prefix(out["fsdp_config"], notices)
     fsdp = out.get("fsdp")
@@ -65,12 +84,15 @@ def _is_bool_string(value: Any) -> bool:
 
 
 def _strip_fsdp_prefix(fsdp_config: dict, notices: list[str]) -> dict:
-    """accelerate's YAML uses ``fsdp_``-prefixed names; transformers strips them too."""
+    """accelerate's YAML uses ``fsdp_``-prefixed names; transformers strips them too. The seed's quoted
+    ``"false"``/``"true"`` become booleans (a non-empty string is true to Python)."""
     out = {}
     for key, value in fsdp_config.items():
         if isinstance(key, str) and key.startswith("fsdp_"):
             notices.append(f"fsdp_config.{key} -> fsdp_config.{key[5:]}")
             key = key[5:]
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
         out[key] = value
     return out
 
@@ -90,6 +112,14 @@ def _translate_fsdp_string(out: dict, fsdp: str | list, notices: list[str], prob
     if out.get("fsdp_config") is not None and not isinstance(out["fsdp_config"], dict):
         return  # fsdp_config is a JSON file (or a type problem reported later): transformers applies the string
     fsdp_config = dict(out.get("fsdp_config") or {})
+    given = str(fsdp_config.get("sharding_strategy") or "").strip().lower()
+    if strategies and given and given != strategies[0]:
+        problems.append(f"fsdp: {strategies[0]!r} contradicts fsdp_config.sharding_strategy: "
+                        f"{fsdp_config['sharding_strategy']}; keep one")
+        return
+    if "offload" in words and fsdp_config.get("offload_params") is False:
+        problems.append("fsdp: 'offload' contradicts fsdp_config.offload_params: false; keep one")
+        return
     version = int(fsdp_config.get("version", 2)) if str(fsdp_config.get("version", 2)).isdigit() else 2
     if strategies:
         strategy = strategies[0]

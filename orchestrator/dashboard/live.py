@@ -158,6 +158,21 @@ class LiveView:
                 self._live.update(detail_frame(self._source.one(self.job_id), None, *self.console.size), refresh=True)
             finally:
                 self._live.__exit__(*exc)
-        elif not any(exc):
-            job = self.ledger.get(self.job_id)
-            print(f"{job.id}: {job.state.value} at step {job.step}/{job.max_steps or '?'}", flush=True)
+        if not any(exc):
+            print(final_summary(self._source.one(self.job_id)), flush=True)
+
+
+def final_summary(snap) -> str:
+    """What a user wants when a job ends: where it got, its loss, its model, and what to run next."""
+    job, p = snap.job, snap.progress
+    lines = [f"{job.id}: {job.state.value} at step {job.step}/{job.max_steps or '?'}"
+             + (f", final loss {p.loss:.4f}" if isinstance(p.loss, (int, float)) else "")]
+    if job.final_model:
+        lines.append(f"  model:       {job.final_model}  (AutoModelForCausalLM.from_pretrained loads it)")
+    if job.state.value == "COMPLETED":
+        lines.append(f"  next:        orchestrate status {job.id}   |   orchestrate report {job.id}   |   "
+                     f"orchestrate export {job.id} --out DIR")
+    else:
+        lines.append(f"  next:        orchestrate status {job.id}   |   orchestrate logs {job.id} --errors   |   "
+                     f"orchestrate resume {job.id}")
+    return "\n".join(lines)

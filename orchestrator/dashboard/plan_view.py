@@ -75,7 +75,12 @@ def performance_lines(record: Mapping[str, Any]) -> list[str]:
             lines.append("  workload        " + ", ".join(f"{k}={v}" for k, v in wl.items()))
         est = mem.get("estimate_gib")
         if est:
-            lines.append("  estimate GiB    " + ", ".join(f"{k} {v}" for k, v in est.items()))
+            host = est.get("host_offload") or 0
+            lines.append("  estimate GiB    " + ", ".join(f"{k} {v}" for k, v in est.items() if k != "host_offload"))
+            if host:   # with CPU offload the GPU holds none of them: say where they are
+                world = int(wl.get("world") or 1)
+                lines.append(f"  host memory     weights, grads and optimizer state offloaded to the CPU: {host} GiB "
+                             f"per rank ({round(host * world, 2)} GiB over {world} ranks)")
         lines.append(f"  verdict         {mem.get('verdict')}")
     return lines
 

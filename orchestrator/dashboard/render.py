@@ -63,6 +63,8 @@ def phase_text(s: Snapshot) -> str | None:
         return None
     since = hb.get("since")
     took = f" for {fmt_duration(s.now - since)}" if isinstance(since, (int, float)) else ""
+    if hb["phase"] == "script":   # orchestrator/worker/script_runner.py: no Trainer created (yet)
+        return f"running the script{took}: it has created no Trainer yet, so no progress is reported"
     return f"{hb['phase']}{took}" + (f" (step {hb['step']})" if hb.get("step") else "")
 
 
@@ -140,9 +142,24 @@ _JOB_COLS = [Col("job", 0), Col("name", 9), Col("backend", 8), Col("state", 0), 
              Col("elapsed", 4, right=True), Col("last event", 10, flex=True)]
 
 
+def _starting(s: Snapshot) -> str | None:
+    """While an attempt starts (no training step of it yet): what it is doing, from rank 0's heartbeat."""
+    if s.job.state.value != "RUNNING":
+        return None
+    phase = (s.heartbeat or {}).get("phase")
+    if phase in ("setup", "loading"):
+        return f"starting up ({phase})"
+    if phase is None and not s.progress.step:
+        return "starting up (launching the ranks)"
+    return None
+
+
 def _last_event(s: Snapshot):
     if supervisor_gone(s):
         return ((f"! supervisor gone: orchestrate resume {s.job.id}", "bold red"),)
+    starting = _starting(s)
+    if starting:
+        return ((starting, "yellow"),)
     return (((s.job.message or "").splitlines()[0] if s.job.message else "", "dim"),)
 
 

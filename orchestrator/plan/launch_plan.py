@@ -43,6 +43,7 @@ class LaunchPlan:
     slurm: Mapping[str, Any] = field(default_factory=dict)  # validated launch.slurm (backend slurm only)
     # issue 6: the fast defaults chosen (performance.py) and the per-GPU memory estimate (memory.py)
     performance: Mapping[str, Any] = field(default_factory=dict)
+    script: str | None = None        # issue 13: the user's own script, run by worker_script (the script runner)
 
     @property
     def paths(self) -> RunPaths:
@@ -66,8 +67,11 @@ class LaunchPlan:
 
     def argv(self, attempt: int) -> list[str]:
         """The full command of the attempt's agent process."""
-        return [self.python, "-m", AGENT_MODULE, *self.torchrun_args(attempt),
-                self.worker_script, "--config", str(self.paths.worker_config)]
+        return [self.python, "-m", AGENT_MODULE, *self.torchrun_args(attempt), *self.worker_args()]
+
+    def worker_args(self) -> list[str]:
+        """What torchrun runs on every rank: train_worker.py, or the script runner and the user's script."""
+        return [self.worker_script, *([self.script] if self.script else []), "--config", str(self.paths.worker_config)]
 
     def attempt_env(self, attempt: int, resume_from: str | None) -> dict[str, str]:
         """Variables added to the environment of an attempt."""

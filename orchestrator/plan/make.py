@@ -75,9 +75,17 @@ def make_plan(cfg: JobConfig, topo: Topology, *, job_id: str, home: Path, python
         training["use_cpu"] = True  # gloo; without it FSDP ranks fail on a GPU-less machine
         if cfg.fsdp_enabled and str(fc.get("version", 2)) == "1":
             problems.append("fsdp_config.version: FSDP1 does not run on CPU; use version 2 (the default)")
-        if training.get("bf16") or training.get("tf32"):
-            notices.append("bf16/tf32 requested on a CPU plan; transformers may refuse them without a GPU")
-    performance, perf_notices, perf_problems = _performance(cfg, training, topo, device, nnodes * nproc, model)
+        if training.get("tf32") is not None:
+            # only a hint for GPU matmuls, and transformers refuses it without an Ampere GPU
+            notices.append(f"tf32: {training.pop('tf32')} dropped on a CPU plan (a GPU matmul precision hint; "
+                           "on a GPU plan it passes through)")
+        if training.get("bf16"):
+            notices.append("bf16 requested on a CPU plan: it runs, slowly, where the CPU supports it")
+    if cfg.launch.script:   # its arguments are its own: no keys of train_worker.py's (attn_implementation, ...)
+        performance, perf_notices, perf_problems = {}, ["launch.performance: not applied to your own script "
+                                                        "(set packing, optim, ... in the YAML yourself)"], []
+    else:
+        performance, perf_notices, perf_problems = _performance(cfg, training, topo, device, nnodes * nproc, model)
     notices += perf_notices
     problems += perf_problems
     if problems:
@@ -112,13 +120,15 @@ def make_plan(cfg: JobConfig, topo: Topology, *, job_id: str, home: Path, python
         channel.ENV_STOP_SIGNALS: cfg.launch.stop_signal,
     })
     distributed = "fsdp" if cfg.fsdp_enabled else ("ddp" if nproc > 1 else "single")
+    if cfg.launch.script:   # issue 13: the script runner runs the user's script with our callback installed
+        worker_script = str(Path(__file__).resolve().parents[1] / "worker" / "script_runner.py")
     return LaunchPlan(
         job_id=job_id, name=cfg.name, backend=cfg.launch.backend, device=device, nnodes=nnodes,
         nproc_per_node=nproc, distributed=distributed, python=python, worker_script=worker_script,
         run_dir=str(paths.run_dir), workdir=workdir, output_dir=training["output_dir"], worker_config=training,
         env=env, stop_signal=cfg.launch.stop_signal, retry=cfg.launch.retry,
         watchdog=cfg.launch.watchdog, notices=tuple(cfg.notices) + tuple(notices),
-        slurm=slurm, performance=performance,
+        slurm=slurm, performance=performance, script=cfg.launch.script,
     )
 
 

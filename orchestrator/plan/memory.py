@@ -141,6 +141,7 @@ class Estimate:
     transient: int
     peak: int
     phase: str                     # "backward" or "optimizer step"
+    host_offload: int = 0          # CPU offload: this rank's weights, grads and optimizer state in host memory
 
     def gib(self) -> dict[str, float]:
         return {k: round(v / GiB, 2) for k, v in asdict(self).items() if isinstance(v, int)}
@@ -170,6 +171,7 @@ def estimate(shape: ModelShape, w: Workload) -> Estimate:
     state_factor, temp_factor = _optimizer_factors(w.optimizer)
 
     on_gpu = 0 if (w.cpu_offload and w.fsdp) else 1
+    host = (1 - on_gpu) * int((2 + state_factor + temp_factor) * master * P) // shard
     weights = on_gpu * master * P // shard
     grads = on_gpu * master * P // shard
     optimizer = on_gpu * int(state_factor * master * P) // shard
@@ -202,7 +204,8 @@ def estimate(shape: ModelShape, w: Workload) -> Estimate:
     step = weights + grads + optimizer + step_temp
     peak, phase = (backward, "backward") if backward >= step else (step, "optimizer step")
     return Estimate(weights=weights, grads=grads, optimizer=optimizer, optimizer_step_temp=step_temp,
-                    activations=activations + workspace, logits=logits, transient=transient, peak=peak, phase=phase)
+                    activations=activations + workspace, logits=logits, transient=transient, peak=peak, phase=phase,
+                    host_offload=host)
 
 
 def usable_bytes(gpu_memory_gib: float, margin: float = SAFETY_MARGIN, reserve_gib: float = RESERVE_GIB) -> int:

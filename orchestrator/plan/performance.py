@@ -227,6 +227,9 @@ def plan_performance(training: dict[str, Any], settings: PerformanceSettings, *,
             training["gradient_accumulation_steps"] = choice.grad_accum
             notices.append(f"per_device_train_batch_size: {micro} -> {new_micro} with gradient_accumulation_steps "
                            f"{accum} -> {choice.grad_accum} (same global batch) to fit GPU memory")
+    if ckpt_source == "config" and fsdp and _truthy(fc.get("activation_checkpointing")):
+        why_ckpt = ("as set by fsdp_config.activation_checkpointing (FSDP's own; the top-level "
+                    "activation_checkpointing stays false: transformers refuses both)")
     choices.append(_pick("activation_checkpointing", bool(ckpt), ckpt_source, why_ckpt))
     choices.append(_pick("cpu_offload", bool(offload), offload_source,
                          "needed to fit the memory estimate" if offload and offload_source == "default" else

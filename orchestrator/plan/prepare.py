@@ -29,13 +29,14 @@ def new_job_id(name: str) -> str:
 
 def prepare(config_path: str, *, home: Path | None = None, topology: Topology | None = None,
             cwd: str | None = None, job_id: str | None = None,
-            backend: str | None = None) -> tuple[JobConfig, LaunchPlan]:
+            backend: str | None = None, script: str | None = None) -> tuple[JobConfig, LaunchPlan]:
     """Validate and plan without side effects (what ``--dry-run`` shows).
 
-    ``backend`` replaces the config's ``launch.backend`` (``submit --backend``).
+    ``backend`` replaces the config's ``launch.backend`` (``submit --backend``), ``script`` its
+    ``launch.script`` (``submit --script``).
     """
     cwd = cwd or os.getcwd()
-    cfg = load_config(config_path, cwd=cwd)
+    cfg = load_config(config_path, cwd=cwd, script=script)
     if backend:
         cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, backend=backend))
     topo = topology or detect_topology()

@@ -227,7 +227,7 @@ def node_argv(plan, attempt: int, *, node: int | str, nnodes: int, endpoint: str
         f"--log-dir={node_log_dir(plan, attempt, node)}",
         "--redirects=3",
         "--tee=3",
-        plan.worker_script, "--config", str(plan.paths.worker_config),
+        *plan.worker_args(),
     ]
 
 

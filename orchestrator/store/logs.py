@@ -93,14 +93,9 @@ def earliest_error_record(attempt_dir: Path) -> tuple[dict, Path] | None:
 
 
 def first_error(attempt_dir: Path) -> FirstError | None:
-    """The earliest error record of the attempt, else a rank killed by a signal, else ``None``."""
-    found = earliest_error_record(attempt_dir)
-    if found:
-        rec, path = found
-        message = str(rec.get("message") or "").strip().splitlines()
-        summary = f"{rec.get('type', 'Error')}: {message[0] if message else ''}".rstrip(": ")
-        return FirstError(rank=rec.get("rank"), summary=summary[:300], time=rec.get("time"),
-                          step=rec.get("step"), traceback=rec.get("traceback"), source=str(path))
+    """The root cause of a failed attempt: a rank killed by a signal (kill -9, the OOM killer: the other
+    ranks' errors, "Connection reset by peer", are its echoes), else the earliest error record, else
+    the torchrun agent's own signal, else ``None``."""
     agent_path = Path(attempt_dir) / channel.AGENT_RECORD_FILE
     agent = channel.read_json(agent_path) or {}
     failures = agent.get("failures") or {}
@@ -108,6 +103,13 @@ def first_error(attempt_dir: Path) -> FirstError | None:
         if f.get("signal") and f["signal"] != "SIGTERM":  # SIGTERM: torchrun ending the survivors
             return FirstError(rank=int(rank) if str(rank).isdigit() else None,
                               summary=f"killed by {f['signal']} (exit {f.get('exitcode')})", source=str(agent_path))
+    found = earliest_error_record(attempt_dir)
+    if found:
+        rec, path = found
+        message = str(rec.get("message") or "").strip().splitlines()
+        summary = f"{rec.get('type', 'Error')}: {message[0] if message else ''}".rstrip(": ")
+        return FirstError(rank=rec.get("rank"), summary=summary[:300], time=rec.get("time"),
+                          step=rec.get("step"), traceback=rec.get("traceback"), source=str(path))
     if agent.get("outcome") == "signalled":
         return FirstError(rank=None, summary=f"torchrun agent got {agent.get('signal')}", source=str(agent_path))
     return None

@@ -5,6 +5,7 @@ and from that class to the job's next state. Nothing else interprets raw exit co
 from __future__ import annotations
 
 import errno
+import re
 from dataclasses import dataclass
 from signal import SIGTERM
 
@@ -31,6 +32,9 @@ USER_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                          errno.EROFS, errno.ELOOP})
 _IO_TYPES = frozenset({"OSError", "IOError", "RuntimeError", "SafetensorError"})
 _DISK_FULL_WORDS = ("no space left on device", "disk is full", "disk quota exceeded")
+# "WandbCallback requires wandb to be installed", "... is not installed. Run `pip install ...`": a missing
+# package, however the library words it; retrying cannot install it.
+_MISSING_PACKAGE = re.compile(r"requires? [\w.\- ]+ to be installed|is not installed|pip install [\w.\-\[\]]+")
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ def _classify_error(error: dict, disk_low: bool) -> Failure:
     if error.get("phase") == "setup":
         if isinstance(code, int) and code not in USER_ERRNOS:
             return Failure.CRASHED          # a transient filesystem error: retried
-        if etype in USER_ERROR_TYPES:
+        if etype in USER_ERROR_TYPES or _MISSING_PACKAGE.search(msg):
             return Failure.USER_ERROR
     return Failure.CRASHED
 

@@ -18,15 +18,21 @@ from ..worker.checkpoints import list_checkpoints
 def check_output_dir(plan: LaunchPlan, cfg: JobConfig, ledger: Ledger) -> None:
     """Refuse an output_dir that holds another job's (or anybody's) checkpoints."""
     out = plan.output_dir
-    owners = [j for j in ledger.jobs_using_output_dir(out) if j.id != plan.job_id]
+    owners = [j for j in ledger.jobs_using_output_dir(out) if j.id != plan.job_id] if ledger is not None else []
     ckpts = list_checkpoints(out)
     active = [j for j in owners if not j.state.is_terminal]
     if active:
         raise ConfigError(str(cfg.source), [f"output_dir: {out} is in use by running job {active[0].id}"])
     if ckpts and owners:
+        owner = owners[-1]
+        if owner.state.value == "COMPLETED":   # resume answers "already completed": offer what works
+            raise ConfigError(str(cfg.source), [
+                f"output_dir: {out} holds the checkpoints of job {owner.id}, which COMPLETED; choose another "
+                f"output_dir, or to train it further start a new job with another output_dir, "
+                f"resume_from_checkpoint: {ckpts[0][1]} and a larger max_steps (nothing was overwritten)"])
         raise ConfigError(str(cfg.source), [
-            f"output_dir: {out} holds checkpoints of job {owners[-1].id}; resume that job with "
-            f"'orchestrate resume {owners[-1].id}' or choose another output_dir (nothing was overwritten)"])
+            f"output_dir: {out} holds checkpoints of job {owner.id} ({owner.state.value}); continue that job "
+            f"with 'orchestrate resume {owner.id}' or choose another output_dir (nothing was overwritten)"])
     if ckpts and not cfg.training.get("resume_from_checkpoint"):
         raise ConfigError(str(cfg.source), [
             f"output_dir: {out} already holds checkpoints ({ckpts[0][1].name}, ...) not written by an "
