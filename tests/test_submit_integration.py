@@ -72,9 +72,12 @@ def test_second_job_on_the_same_output_dir_is_refused(tmp_path, demo_assets):
     cfg = write_config(tmp_path, demo_assets, max_steps=4, save_steps=2, logging_steps=2, output_dir=str(out))
     assert orch(home, "submit", str(cfg), cwd=tmp_path, timeout=240).returncode == 0
     before = sorted(p.name for p in out.iterdir())
-    r = orch(home, "submit", str(cfg), cwd=tmp_path, timeout=120)
-    assert r.returncode == 2
-    assert "holds checkpoints of job" in r.stderr and "Traceback" not in r.stderr
+    for verb in (["validate"], ["submit", "--dry-run"], ["submit"]):   # validate says what submit would
+        r = orch(home, *verb, str(cfg), cwd=tmp_path, timeout=120)
+        assert r.returncode == 2, verb
+        # the owner COMPLETED ('resume' would answer "already completed"): the advice is what works
+        assert "holds the checkpoints of job" in r.stderr and "which COMPLETED" in r.stderr, r.stderr
+        assert "resume_from_checkpoint" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == before
     assert len(json.loads(orch(home, "list", "--json").stdout)) == 1
 
