@@ -79,6 +79,17 @@ def submit_detached(tmp_path: Path, assets: Path, launch: dict, env=None, **trai
     return home, r.stdout.strip()
 
 
+# A short demo job that saves often (8 steps, a checkpoint every 2), quick to retry: the save tests' job.
+SMALL_LAUNCH = {"retry": {"backoff_s": 0.5, "max_restarts": 4}, "watchdog": {"startup_timeout_s": 300}}
+SMALL_TRAINING = dict(max_steps=8, save_steps=2, logging_steps=1, save_total_limit=1)
+
+
+def submit_small(tmp_path: Path, assets: Path, env=None, launch=None, **training) -> tuple[Path, str]:
+    """:func:`submit_detached` of the short job, with ``launch`` and ``training`` keys on top."""
+    return submit_detached(tmp_path, assets, {**SMALL_LAUNCH, **(launch or {})}, env=env,
+                           **{**SMALL_TRAINING, **training})
+
+
 def progress(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "progress.jsonl"
     if not path.exists():

@@ -10,19 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from orch_helpers import orch, progress, status, submit_detached, wait_end, wait_for
+from orch_helpers import orch, progress, status, submit_small, wait_end, wait_for
 
 from orchestrator.worker.checkpoints import read_marker, verify_checkpoint
 
 pytestmark = pytest.mark.integration
 
-LAUNCH = {"retry": {"backoff_s": 0.5, "max_restarts": 4}, "watchdog": {"startup_timeout_s": 300}}
-
-
-def _submit(tmp_path, assets, env=None, launch=None, **kw):
-    opts = dict(max_steps=8, save_steps=2, logging_steps=1, save_total_limit=1)
-    opts.update(kw)
-    return submit_detached(tmp_path, assets, {**LAUNCH, **(launch or {})}, env=env, **opts)
+_submit = submit_small
 
 
 def _wait_state(home, job_id, timeout=420):
