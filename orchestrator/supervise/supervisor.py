@@ -160,7 +160,8 @@ class Supervisor:
         while True:
             self._poll_requests()
             if reattach is not None:
-                handle, start_step, before = reattach, self._attempt_start_step(attempt), self._verified_step()
+                handle, start_step = reattach, self._attempt_start_step(attempt)
+                mark = checkpoints.progress_mark(self.plan)
                 self._event(f"following attempt {attempt} again (pid {handle.pid or handle.external_id})")
                 reattach = None
             else:
@@ -171,8 +172,7 @@ class Supervisor:
                     return self._finish(JobState.FAILED, stop_reason)
                 if self._relocated(last_failure):
                     return None
-                before = self._verified_step()
-                start_step = before or 0
+                mark, start_step = checkpoints.progress_mark(self.plan), self._verified_step() or 0
                 handle = self._start(attempt, resume_from, start_step)
                 self._event(f"attempt {attempt} started" + (f", resuming from {resume_from}" if resume_from else ""))
             self._current, self._attempt_n = handle, attempt
@@ -180,7 +180,7 @@ class Supervisor:
             self._current = None
             failure = classify(outcome)
             final_problem = self._check_final_model(handle) if failure is Failure.COMPLETED else None
-            gained = (self._verified_step() or 0) > (before or 0)
+            gained = checkpoints.progress_mark(self.plan) > mark   # a later stage of a script counts too
             history.append(PastAttempt(failure, gained))
             decision = decide(failure, history, self.plan.retry)
             detail = error_line(outcome)
