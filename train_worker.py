@@ -258,8 +258,20 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+def _wait_if_spare() -> None:
+    """A spare attempt (orchestrator/worker/spare.py) waits here, imports done, until it is handed the attempt;
+    its "wall" times then count from the hand-over, not from the spare's start."""
+    from orchestrator.worker import callback
+    from orchestrator.worker.spare import wait_for_attempt
+
+    handed = wait_for_attempt(STOP)
+    if handed is not None:
+        callback.T0 = handed
+
+
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    _wait_if_spare()
     # record(): torchrun's failure summary then shows each failed rank's exception, not "<N/A>".
     sys.exit(record(main)(allow_fast_exit=True))

@@ -1,6 +1,6 @@
 """Recovery benchmark: how fast a job gets back to training after a fault, what it loses, and where the time goes.
 
-For faults (a)-(e) of the supervision issue, runs the demo model (2 CPU ranks, FSDP, 40 steps,
+For faults (a)-(e) of the supervision issue, runs the demo model (2 CPU ranks, FSDP, 120 steps,
 a checkpoint every 5) through `orchestrate submit --detach` with the default retry policy
 (``--backoff S`` overrides ``launch.retry.backoff_s``), injects the fault, and measures from the
 ledger, the agent's record and the progress file:
@@ -12,7 +12,11 @@ ledger, the agent's record and the progress file:
   data, FSDP, checkpoint load) -> first step logged (``step``);
 * lost work: steps trained before the fault that had to be trained again.
 
-    python bench/recovery.py [--out results.json] [--faults a,b,c,d,e] [--repeat N] [--backoff S]
+    python bench/recovery.py [--out results.json] [--faults a,b,c,d,e] [--repeat N] [--backoff S] [--spare-after S]
+
+``--spare-after S`` sets ``ORCHESTRATE_SPARE_AFTER_S`` (default: unset, the product's 30 s, which the demo's
+faults come before): the next attempt is started ahead as a spare once the current one has trained S seconds,
+and faults (a)-(c) wait until its ranks are ready (a job that trained long enough to have one).
 
 Prints a Markdown table (the median over ``--repeat`` runs, each run's figure beside it). It is a
 script, not a test: numbers depend on the machine and on what else runs on it.
@@ -74,7 +78,7 @@ def wait(pred, timeout=900):
 
 def write_config(tmp: Path, assets: Path, fault: str, backoff: float | None) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    cfg.update(model_id=str(assets / "model"), dataset_path=str(assets / "data"), max_steps=40, save_steps=5,
+    cfg.update(model_id=str(assets / "model"), dataset_path=str(assets / "data"), max_steps=120, save_steps=5,
                logging_steps=1)
     retry = {"max_restarts": 5} | ({"backoff_s": backoff} if backoff is not None else {})
     cfg["launch"] = {"nproc_per_node": 2, "name": f"bench-{fault}", "retry": retry,
@@ -91,14 +95,20 @@ def corrupt(checkpoint: Path) -> None:
         f.truncate(biggest.stat().st_size // 2)
 
 
-def run_fault(fault: str, tmp: Path, assets: Path, backoff: float | None) -> dict:
+def run_fault(fault: str, tmp: Path, assets: Path, backoff: float | None, spare_after: str | None) -> dict:
     home = tmp / f"home-{fault}-{time.time_ns()}"
     env_extra = {"ORCHESTRATE_FAULT": {"d": "exit:1:13", "e": "hang:1:13"}.get(fault, "")}
+    if spare_after is not None:
+        env_extra["ORCHESTRATE_SPARE_AFTER_S"] = spare_after
     job_id = sh(home, "submit", "--detach", str(write_config(tmp, assets, fault, backoff)), env_extra=env_extra).strip()
     info = job(home, job_id)
     run_dir = info["run_dir"]
     if fault in "abc":
         wait(lambda: any(r["event"] == "log" and r["step"] >= 12 for r in records(run_dir)))
+        if spare_after is not None:   # the spare's ranks have done their imports (or never will)
+            ready = Path(run_dir) / "attempts" / "2"
+            wait(lambda: len(list(ready.glob("spare-ready-rank*"))) == 2 or job(home, job_id)["state"] != "RUNNING",
+                 300)
         t_fault = time.time()
         if fault == "a":
             os.kill(wait(lambda: rank_pids(job_id).get(1), 30), signal.SIGKILL)
@@ -124,6 +134,7 @@ def run_fault(fault: str, tmp: Path, assets: Path, backoff: float | None) -> dic
            "steps_redone": max(0, last_before - resumed_step), "resumed_from_step": resumed_step,
            "last_step_before_fault": last_before}
     row.update(breakdown(t_fault, final, recs))
+    row["spare"] = (Path(run_dir) / "attempts" / "2" / "spare.json").is_file()
     return row
 
 
@@ -157,6 +168,7 @@ def main() -> int:
     ap.add_argument("--faults", default="a,b,c,d,e")
     ap.add_argument("--repeat", type=int, default=1, help="runs per fault (the table shows the median)")
     ap.add_argument("--backoff", type=float, help="launch.retry.backoff_s (default: the default policy's)")
+    ap.add_argument("--spare-after", help="ORCHESTRATE_SPARE_AFTER_S for the jobs (default: unset)")
     ap.add_argument("--out")
     ap.add_argument("--keep", help="work in this folder and keep it (run directories, rank logs)")
     args = ap.parse_args()
@@ -165,17 +177,17 @@ def main() -> int:
         from orchestrator.demo import prepare_demo
 
         assets = prepare_demo(tmp / "assets")
-        rows = [median_row([run_fault(f, tmp, assets, args.backoff) for _ in range(args.repeat)])
+        rows = [median_row([run_fault(f, tmp, assets, args.backoff, args.spare_after) for _ in range(args.repeat)])
                 for f in args.faults.split(",")]
     print(f"load average before the last run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| fault | failure classes | recovery (fault -> next step) | " + " | ".join(PHASES)
-          + " | steps redone | resumed from | runs |")
-    print("|---|---|---|" + "---|" * len(PHASES) + "---|---|---|")
+          + " | steps redone | resumed from | spare | runs |")
+    print("|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|")
     for r in rows:
         phases = " | ".join("-" if r.get(f"{p}_s") is None else f"{r[f'{p}_s']}" for p in PHASES)
         print(f"| ({r['fault']}) {r['what']} | {' -> '.join(r['failures'])} | {r['recovery_s']} s | {phases} | "
               f"{r['steps_redone']} (of {r['last_step_before_fault']}) | step {r['resumed_from_step']} | "
-              f"{', '.join(str(x) for x in r['runs'])} |")
+              f"{'yes' if r.get('spare') else 'no'} | {', '.join(str(x) for x in r['runs'])} |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -124,6 +124,7 @@ class Supervisor:
         try:
             return self._run(adopt, fresh_budget)
         except (LeaseLost, FencedOut) as exc:
+            self._discard_spares()
             self.on_event(f"this supervisor no longer holds the job ({exc}); leaving it alone")
             return None
         except (OSError, sqlite3.OperationalError) as exc:
@@ -278,7 +279,14 @@ class Supervisor:
                                if failure_state.value in Failure.__members__ else Failure.CANCELLED.value,
                                gained_checkpoint=0)
 
+    def _discard_spares(self) -> None:
+        """A backend's next attempt started ahead (local: ``backends/spare.py``) will not be used."""
+        discard = getattr(self.backend, "discard_spares", None)
+        if discard is not None:
+            discard(self.plan.job_id)
+
     def _finish(self, state: JobState, message: str) -> JobState:
+        self._discard_spares()   # before the final state: whoever sees it finds no process of the job left
         self.write_job(state=state, message=message, supervisor_pid=None)
         if state is JobState.CANCELLED:
             requests.clear(self.plan.run_dir, requests.CANCEL)

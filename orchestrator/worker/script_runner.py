@@ -333,4 +333,11 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    from orchestrator.worker.spare import wait_for_attempt
+
+    handed = wait_for_attempt(STOP, script=True)   # a spare attempt: imports done, wait to be handed it
+    if handed is not None:
+        from orchestrator.worker import callback
+
+        callback.T0 = handed
     sys.exit(record(main)())
