@@ -112,15 +112,15 @@ def test_a_stop_signal_outside_train_ends_the_script_and_the_next_one_is_not_cau
 
 def test_a_transformers_without_a_hook_the_save_path_needs_is_a_user_error_naming_the_version(monkeypatch):
     import transformers
-    import transformers.trainer as tt
 
     assert script_runner.missing_trainer_hooks(transformers.Trainer) == []
-    monkeypatch.delattr(transformers.Trainer, "_save_rng_state")
-    monkeypatch.delattr(tt, "save_fsdp_optimizer")
-    assert script_runner.missing_trainer_hooks(transformers.Trainer) == [
-        "Trainer._save_rng_state", "transformers.trainer.save_fsdp_optimizer"]
+    monkeypatch.delattr(transformers.Trainer, "_save_checkpoint")   # the one every save path relies on
+    monkeypatch.delattr(transformers.Trainer, "add_callback")
+    missing = script_runner.missing_trainer_hooks(transformers.Trainer)
+    assert missing[0] == "Trainer.add_callback" and missing[1].startswith("Trainer._save_checkpoint"), missing
     with pytest.raises(ImportError) as info:   # ImportError in set-up: classified USER_ERROR, never retried
         script_runner.check_transformers()
     message = str(info.value)
-    assert f"transformers {transformers.__version__} lacks Trainer._save_rng_state" in message
-    assert "transformers>=" in message or "transformers<" in message, message
+    assert f"transformers {transformers.__version__} lacks Trainer.add_callback, Trainer._save_checkpoint" in message
+    supported = script_runner.supported_transformers()          # from the installed package's metadata
+    assert "<6" in supported and f"install a supported version (transformers{supported})" in message, message

@@ -46,11 +46,11 @@ from orchestrator.worker.support import (StopFlag, WorkerEnv, end_failed_rank, e
                                          resolve_resume)
 
 SCRIPT_PHASE = "script"     # the heartbeat's phase while no Trainer trains
-# What the save path wraps or replaces (orchestrator/worker/save_hooks.py, async_save.py). When the save
-# manager of issue 18.1 lands, missing_trainer_hooks below defers to its list (contract 4 of the team notes).
-TRAINER_METHODS = ("train", "_save_checkpoint", "save_model", "_save_optimizer_and_scheduler", "_save_rng_state",
-                   "evaluate", "add_callback")
-TRAINER_MODULE_GLOBALS = ("save_fsdp_model", "save_fsdp_optimizer")   # transformers.trainer's, swapped per save
+RUNNER_METHODS = ("train", "add_callback")   # what the runner itself wraps or calls
+# What today's save path wraps or replaces (orchestrator/worker/save_hooks.py, async_save.py); issue 18.1's save
+# manager brings its own list (contract 4 of the team notes), which missing_trainer_hooks then uses instead.
+SAVE_METHODS = ("_save_checkpoint", "save_model", "_save_optimizer_and_scheduler", "_save_rng_state", "evaluate")
+SAVE_MODULE_GLOBALS = ("save_fsdp_model", "save_fsdp_optimizer")   # transformers.trainer's, swapped per save
 
 
 class _Stopped(BaseException):
@@ -83,12 +83,21 @@ if __name__ == "__main__":
 
 
 def missing_trainer_hooks(trainer_or_class) -> list[str]:
-    """The private Trainer attributes the save path relies on that the installed transformers lacks."""
+    """The private Trainer attributes the runner and the save path rely on that the installed transformers lacks."""
+    cls = trainer_or_class if isinstance(trainer_or_class, type) else type(trainer_or_class)
+    missing = [f"{cls.__name__}.{name}" for name in RUNNER_METHODS if not callable(getattr(cls, name, None))]
+    try:
+        from orchestrator.worker.save_manager import missing_trainer_hooks as save_path_missing
+    except ImportError:   # today's save hooks
+        return missing + _save_hooks_missing(cls)
+    return missing + save_path_missing(cls)
+
+
+def _save_hooks_missing(cls) -> list[str]:
     import transformers.trainer as tt
 
-    cls = trainer_or_class if isinstance(trainer_or_class, type) else type(trainer_or_class)
-    missing = [f"{cls.__name__}.{name}" for name in TRAINER_METHODS if not callable(getattr(cls, name, None))]
-    return missing + [f"transformers.trainer.{name}" for name in TRAINER_MODULE_GLOBALS if not hasattr(tt, name)]
+    missing = [f"{cls.__name__}.{name}" for name in SAVE_METHODS if not callable(getattr(cls, name, None))]
+    return missing + [f"transformers.trainer.{name}" for name in SAVE_MODULE_GLOBALS if not hasattr(tt, name)]
 
 
 def supported_transformers() -> str:
