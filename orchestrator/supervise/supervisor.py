@@ -377,8 +377,10 @@ class Supervisor:
         rc = self.backend.poll(handle) if rc is None else rc
         if not (stalled or cancelled):
             # Ranks outlive a dead torchrun agent (they run in sessions of their own) and
-            # would keep writing checkpoints beside the next attempt: end whatever is left.
-            self.kill(handle, grace_s=3.0)
+            # would keep writing checkpoints beside the next attempt: end whatever is left. An agent
+            # killed by a signal left orphans whose graceful stop could not finish a save in any
+            # grace worth waiting for: they are killed at once (issue 18.3).
+            self.kill(handle, grace_s=0.0 if rc is not None and rc < 0 else 3.0)
         follower.poll()
         self._record_progress(follower)
         return self._outcome(handle, rc, stalled, cancelled), follower.state.step
