@@ -66,7 +66,9 @@ def _keys_named(message: str, kwargs: dict[str, Any]) -> list[str]:
     for words, key in _ALIASES.items():
         if words in text and key in kwargs and key not in named:
             named.append(key)
-    return named
+    first = {k: min([i for i in (text.find(k.lower()), *(text.find(w) for w, a in _ALIASES.items() if a == k))
+                     if i >= 0], default=len(text)) for k in named}
+    return sorted(named, key=first.get)   # in the order the message names them
 
 
 def training_args_problems(training: dict[str, Any]) -> list[str]:

@@ -115,7 +115,7 @@ def no_shape_error(source: Source, row: Any, text_field: str) -> DataError:
     fields = sorted(k for k, v in row.items() if v is not None)
     hint = ""
     strings = [k for k in fields if isinstance(row[k], str)]
-    if _present(row, "prompt") and not _present(row, "completion"):
+    if row.get("prompt") is not None and row.get("completion") is None:
         hint = "; a prompt without a completion is for preference/RL trainers, SFT needs 'completion' too"
     elif len(strings) == 1:
         hint = f"; if '{strings[0]}' holds the text, set dataset_text_field: {strings[0]}"
@@ -282,7 +282,16 @@ def load_split(source: Source, text_field: str = "text"):
 
 
 def load(dataset_path: str | Path, text_field: str = "text", want_eval: bool = False) -> LoadedData:
-    """The training split (and the eval split when ``want_eval``), every row checked."""
+    """The training split (and the eval split when ``want_eval``), every row checked. Raises a plain
+    ValueError (what the orchestrator's failure classes know as the user's error) naming file and rows."""
+    try:
+        return _load(dataset_path, text_field, want_eval)
+    except DataError as e:
+        error = e
+    raise ValueError(str(error)) from error.__cause__
+
+
+def _load(dataset_path: str | Path, text_field: str, want_eval: bool) -> LoadedData:
     train_source, eval_source = resolve(dataset_path)
     train, shape = load_split(train_source, text_field)
     evaluation, eval_shape = None, None
