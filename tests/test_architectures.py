@@ -321,8 +321,8 @@ def test_architecture_trains_on_two_ranks_under_fsdp2(arch, tmp_path):
     demo = prepare_demo(tmp_path / "demo", arch=arch, shape=run["shape"])
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     cfg.update(model_id=str(demo / MODEL_DIR), dataset_path=str(_data_in_form(demo, run["form"], tmp_path / "data")),
-               max_steps=6, logging_steps=1, save_strategy="no", launch={"name": arch, "nproc_per_node": 2},
-               **run["extra"])
+               max_steps=6, logging_steps=1, save_strategy="no", launch={"name": arch, "nproc_per_node": 2})
+    cfg.update(run["extra"])
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     _, plan = prepare(str(path), home=tmp_path / "home", topology=Topology(gpus=0, cpus=2, hostname="t"),
