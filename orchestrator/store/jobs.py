@@ -7,6 +7,8 @@ from ..errors import JobError
 from .ledger import Job, Ledger
 from .paths import orchestrate_home
 
+MAX_LISTED = 20
+
 
 def open_ledger(home: Path | None = None) -> Ledger:
     """The ledger of ``home`` (default: ``$ORCHESTRATE_HOME`` or ``~/.orchestrate``)."""
@@ -18,6 +20,8 @@ def resolve_job(ledger: Ledger, ref: str) -> Job:
     ids = ledger.find(ref)
     if not ids:
         raise JobError(f"no job '{ref}' in the ledger ({ledger.path})")
-    if len(ids) > 1:
-        raise JobError(f"'{ref}' matches several jobs: {', '.join(ids[:5])}")
+    if len(ids) > 1:   # issue 19: every match (a long list is cut, and says so), and what to type instead
+        shown = ", ".join(ids[:MAX_LISTED]) + (f", ... ({len(ids) - MAX_LISTED} more: orchestrate list)"
+                                               if len(ids) > MAX_LISTED else "")
+        raise JobError(f"'{ref}' matches {len(ids)} jobs: {shown}; type more of the id")
     return ledger.get(ids[0])
