@@ -142,3 +142,63 @@ def test_the_command_gets_the_status_json_on_stdin_and_no_job_tag(tmp_path, hook
     assert not send(status, {"command": [sys.executable, "-c", "raise SystemExit(3)"]}, log.append)
     assert log == ["command " + sys.executable + ": exit 3"]
     assert not send(status, {"command": [str(tmp_path / "missing")]}, log.append)
+
+
+def test_a_failed_job_is_announced_by_its_supervisor_without_waiting_for_it(tmp_path, monkeypatch, hook):
+    """The supervisor records FAILED, then starts the real sender: its command and webhook both hear of it."""
+    import time
+    from pathlib import Path
+
+    from orchestrator.backends.base import AttemptHandle
+    from orchestrator.store.lease import Lease
+    from orchestrator.store.ledger import Ledger
+    from orchestrator.supervise.supervisor import Supervisor
+    from orchestrator.worker import channel
+
+    class FailingBackend:   # one attempt that fails before its first step (USER_ERROR: never retried)
+        name = "local"
+
+        def start(self, plan, attempt, resume_from):
+            adir = plan.paths.attempt_dir(attempt)
+            adir.mkdir(parents=True)
+            channel.write_json_atomic(adir / "error-rank0.json", {"rank": 0, "time": 1.0, "type": "ValueError",
+                                                                 "message": "no 'messages' in row 3",
+                                                                 "phase": "setup"})
+            channel.write_json_atomic(adir / channel.AGENT_RECORD_FILE, {"exit_code": 1, "failures": {}})
+            return AttemptHandle(job_id=plan.job_id, attempt=attempt, pid=1, attempt_dir=str(adir))
+
+        def poll(self, handle):
+            return 1
+
+        def kill(self, handle, grace_s=10.0):
+            return []
+
+    h = hook()
+    got = tmp_path / "got.json"
+    monkeypatch.setenv("ORCHESTRATE_HOME", str(tmp_path))
+    write = f"import os, sys; open({str(got)!r} + '.tmp', 'w').write(sys.stdin.read()); " \
+            f"os.replace({str(got)!r} + '.tmp', {str(got)!r})"
+    notify = parse_notify({"webhook": h.url, "command": [sys.executable, "-c", write]})[0]
+    cfg = job_config(notify=notify)
+    plan = make_plan(cfg, Topology(0, 2), job_id="j-1", home=tmp_path, python=sys.executable, worker_script="w.py",
+                     workdir=str(tmp_path), model=model_of(cfg))
+    plan.paths.run_dir.mkdir(parents=True)
+    channel.write_json_atomic(plan.paths.plan, plan.to_dict())
+    ledger = Ledger.for_home(tmp_path)
+    ledger.create_job(job_id="j-1", name="t", backend="local", run_dir=plan.run_dir, config_path="c",
+                      output_dir=plan.output_dir)
+    events: list[str] = []
+    lease = Lease.acquire(plan.run_dir)
+    start = time.monotonic()
+    assert Supervisor(plan, ledger, FailingBackend(), lease, on_event=events.append).run() is JobState.FAILED
+    assert time.monotonic() - start < 5          # the sender runs on its own: the supervisor never waits for it
+    assert any(e.startswith("notifying (command and webhook) in the background") for e in events)
+    deadline = time.monotonic() + 60
+    while (not h.bodies or not got.exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = json.loads(got.read_text())
+    assert status["id"] == "j-1" and status["state"] == "FAILED"
+    assert h.bodies[0][1]["text"].startswith("orchestrate: j-1 (t) FAILED at step 0/")
+    assert "USER_ERROR" in h.bodies[0][1]["text"]
+    lines = Path(plan.run_dir, "notify.log").read_text().splitlines()
+    assert any("webhook: HTTP 200" in line for line in lines)

@@ -212,6 +212,19 @@ def test_a_queued_job_is_cancelled_without_starting_and_its_turn_sets_its_gpus(t
         sup1 = Supervisor(plans[0], ledger, None, leases["j1"])
         assert wait_turn(sup1, ledger.get("j1")) is True        # holds its slot (say, adopted): goes at once
         assert sup1.plan.env["CUDA_VISIBLE_DEVICES"] == "0"
+        # j2, cancelled while it waited, is resumed: it queues anew and takes the slot once j1 has ended
+        ledger.update_job("j1", state=JobState.COMPLETED)
+        sup2 = Supervisor(plans[1], ledger, None, leases["j2"], on_event=events.append)
+        assert wait_turn(sup2, ledger.get("j2")) is True
+        assert groups.read_claim(plans[1].run_dir)["slot"] == 0 and ledger.get("j2").state is JobState.PENDING
+        # and j1, completed and run again, does not keep its old slot: it waits behind j2
+        groups.write_claim(plans[1].run_dir, 0, "0")
+        ledger.update_job("j2", state=JobState.RUNNING)
+        waits = []
+        sup1 = Supervisor(plans[0], ledger, None, leases["j1"], sleep=lambda s: (
+            waits.append(s), requests.make_request(plans[0].run_dir, requests.CANCEL)))
+        assert wait_turn(sup1, ledger.get("j1")) is False and waits
+        assert groups.read_claim(plans[0].run_dir) is None
     finally:
         for lease in leases.values():
             lease.release()

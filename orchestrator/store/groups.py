@@ -137,3 +137,8 @@ def write_claim(run_dir, slot: int, devices: str | None) -> dict:
     record = {"slot": slot, "devices": devices, "time": time.time()}
     channel.write_json_atomic(Path(run_dir) / CLAIM_FILE, record)
     return record
+
+
+def drop_claim(run_dir) -> None:
+    """Forget the job's slot (it ended, and runs again: it queues anew)."""
+    (Path(run_dir) / CLAIM_FILE).unlink(missing_ok=True)

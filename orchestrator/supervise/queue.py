@@ -36,7 +36,10 @@ def wait_turn(sup: Supervisor, job: Job) -> bool:
         return True
     try:
         claim = groups.read_claim(job.run_dir)
-        if claim is None and job.attempts:
+        if job.state.is_terminal:   # run again (resume): its old slot went to others when it ended
+            groups.drop_claim(job.run_dir)
+            claim = None
+        elif claim is None and job.attempts:
             return True   # started before the queue knew it (nothing to wait for)
         if claim is None:
             claim = _wait(sup, home, group, job)
