@@ -75,7 +75,8 @@ def sweep(args, overrides, validate_only: bool = False) -> int:
     local = plans[0].backend == "local"
     at_once, per_job, why = parallel(plans, topo, args.max_parallel) if local else (len(plans), 0, "SLURM")
     devices = visible_devices(topo, os.environ) if local and plans[0].device == "cuda" else ()
-    plans = [share_cpu(p, at_once, topo, cfg0.launch.env) for p in plans]
+    if local:   # side by side on this machine: CPU plans share its cores
+        plans = [share_cpu(p, at_once, topo, cfg0.launch.env) for p in plans]
     group = Group(id=new_job_id(f"{cfg0.name}-sweep"), name=cfg0.name, created=time.time(),
                   config_path=str(cfg0.source), backend=plans[0].backend, keys=tuple(dict.fromkeys(
                       o.key for o in points[0][2])), overrides=tuple(str(o) for o in overrides),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -177,6 +178,7 @@ def jobs_table(snaps: list[Snapshot], max_rows: int | None = None) -> FastTable:
     rows: list = []
     shown = snaps if max_rows is None else snaps[:max(0, max_rows)]
     names = [shown_name(s) for s in shown]
+    twins = Counter(names)   # two jobs of one config: told apart by when they were submitted
     for k, s in enumerate(shown):
         j, p = s.job, s.progress
         if j.group_id and (k == 0 or shown[k - 1].job.group_id != j.group_id):
@@ -186,7 +188,7 @@ def jobs_table(snaps: list[Snapshot], max_rows: int | None = None) -> FastTable:
         ckpt = f"step {p.last_checkpoint_step}" if p.last_checkpoint_step is not None else "-"
         ended = j.state in (JobState.FAILED, JobState.CANCELLED)
         row_style = _BAR_STYLE[j.state] if ended else ""
-        name = names[k] + (time.strftime(" @%H:%M", time.localtime(j.created)) if names.count(names[k]) > 1 else "")
+        name = names[k] + (time.strftime(" @%H:%M", time.localtime(j.created)) if twins[names[k]] > 1 else "")
         rows.append([
             (((" " if j.group_id else "") + j.id, f"bold {row_style}".strip()),), ((name, row_style),),
             ((j.backend, ""),), ((j.state.value, STATE_STYLE[j.state]),),
