@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -111,6 +110,11 @@ def test_a_short_prefix_lists_every_job_it_matches(tmp_path):
     with pytest.raises(JobError) as err:
         resolve_job(ledger, "demo")
     assert "matches 7 jobs" in str(err.value) and "demo-0101-000006" in str(err.value)
+    (tmp_path / "groups").mkdir()
+    (tmp_path / "groups" / "demo-sweep-0101-abcdef.json").write_text("{}")
+    with pytest.raises(JobError) as err:
+        resolve_job(ledger, "demo-sweep")
+    assert "is a sweep's group, not a job: orchestrate status --group demo-sweep" in str(err.value)
 
 
 def test_idle_gpus_are_named_and_the_memory_verdict_uses_its_estimate():

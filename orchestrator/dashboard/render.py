@@ -30,7 +30,8 @@ __all__ = ["Snapshot", "STATE_STYLE", "sparkline", "fmt_duration", "jobs_table",
            "status_frame", "detail_frame", "snapshot_json", "attempt_label", "attempt_budget", "order_for_status"]
 
 STATE_STYLE = {
-    JobState.QUEUED: "blue", JobState.PENDING: "yellow", JobState.RUNNING: "bold cyan", JobState.RESUMING: "bold yellow",
+    JobState.QUEUED: "blue", JobState.PENDING: "yellow", JobState.RUNNING: "bold cyan",
+    JobState.RESUMING: "bold yellow",
     JobState.COMPLETED: "bold green", JobState.FAILED: "bold red", JobState.CANCELLED: "magenta",
 }
 _BAR_STYLE = {JobState.COMPLETED: "green", JobState.FAILED: "red", JobState.CANCELLED: "magenta",

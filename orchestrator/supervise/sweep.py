@@ -20,7 +20,8 @@ from .control import TAKEOVER_WAIT_S, cancel, take_job
 from .jobs import check_output_dir, create_job
 
 
-def create_group(home: Path, ledger: Ledger, group: groups.Group, points: list[tuple[JobConfig, LaunchPlan]]) -> list[Job]:
+def create_group(home: Path, ledger: Ledger, group: groups.Group,
+                 points: list[tuple[JobConfig, LaunchPlan]]) -> list[Job]:
     """Write the group's record and each point's job (QUEUED locally); every output_dir is checked first."""
     for cfg, plan in points:
         check_output_dir(plan, cfg, ledger)
