@@ -1,6 +1,7 @@
 """Incremental, cheap reading of a job's progress file (shared by the supervisor and the dashboard)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,9 @@ class ProgressState:
     save_s: list[float] = field(default_factory=list)  # how long each checkpoint save blocked training
     last_save: dict | None = None  # the last checkpoint record: blocked (save_s), written (write_s), async, why
     failed_saves: int = 0          # saves whose write failed (no marker: the previous checkpoint stays)
+    # contract 1 (TEAM.md): the worker's eval records; each kept as {"step", "epoch", "metrics", "eval_s"}
+    last_eval: dict | None = None
+    best_eval: dict | None = None  # the one with the lowest metrics.eval_loss
     attempt_records: int = 0      # records of the attempt being followed
     last_attempt: int | None = None
     rate_start: tuple[float, int] | None = None   # (time, step) of the latest attempt's first log
@@ -101,6 +105,14 @@ class ProgressFollower:
             s.last_save = {k: rec.get(k) for k in ("step", "save_s", "write_s", "async_write", "reason")}
         elif event == "checkpoint_failed":
             s.failed_saves += 1
+        elif event == "eval":
+            metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
+            s.last_eval = {"step": rec.get("step"), "epoch": rec.get("epoch"), "metrics": metrics,
+                           "eval_s": rec.get("eval_s")}
+            loss = metrics.get("eval_loss")
+            if isinstance(loss, (int, float)) and math.isfinite(loss) and (
+                    s.best_eval is None or loss < s.best_eval["metrics"]["eval_loss"]):
+                s.best_eval = s.last_eval
 
 
 def read_heartbeat(attempt_dir: Path) -> dict | None:
