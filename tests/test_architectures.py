@@ -210,6 +210,19 @@ def test_conversational_rows_need_a_chat_template(demo_assets, tokenizer, tmp_pa
     assert problem.startswith("model_id: the rows are conversations but the tokenizer has no chat template")
 
 
+def test_assistant_only_loss_needs_conversations_and_a_generation_block(demo_assets, tmp_path):
+    from orchestrator.plan.inputs import inspect_inputs
+
+    training = {"model_id": str(demo_assets / MODEL_DIR), "dataset_path": str(demo_assets / "data"),
+                "assistant_only_loss": True}
+    _, (problem,) = inspect_inputs(training)
+    assert problem.startswith("assistant_only_loss: the tokenizer's chat template has no {% generation %} block")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "plain text"}) + "\n")
+    _, problems = inspect_inputs({**training, "dataset_path": str(tmp_path / "train.jsonl")})
+    assert problems == ["assistant_only_loss: true needs conversational rows (messages), but the rows are language "
+                        "modelling text ('text'); set it false, or use messages rows"]
+
+
 def test_a_hub_id_that_cannot_be_resolved_is_named(tmp_path, monkeypatch):
     from helpers import fake_hub_cache
 

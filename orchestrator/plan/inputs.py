@@ -98,6 +98,9 @@ def inspect_inputs(training: dict[str, Any]) -> tuple[list[str], list[str]]:
                                     str(training.get("eval_strategy") or "no"))
         notices += n
         problems += p
+    if training.get("assistant_only_loss") and shape is not None and shape.name not in CONVERSATIONAL:
+        problems.append(f"assistant_only_loss: true needs conversational rows (messages), but the rows are "
+                        f"{shape.label}; set it false, or use messages rows")
     model = training.get("model_id")
     if not isinstance(model, str) or not model:
         return notices, problems
@@ -108,8 +111,10 @@ def inspect_inputs(training: dict[str, Any]) -> tuple[list[str], list[str]]:
     problems += p
     if folder is None:
         return notices, problems
-    n, p = model_check.check_folder(folder, conversational=shape is not None and shape.name in CONVERSATIONAL,
-                                    chat_template_given=bool(training.get("chat_template_path")))
+    conversational = shape is not None and shape.name in CONVERSATIONAL
+    n, p = model_check.check_folder(folder, conversational=conversational,
+                                    chat_template_given=bool(training.get("chat_template_path")),
+                                    assistant_only=conversational and bool(training.get("assistant_only_loss")))
     notices += n
     problems += p
     n, p = architecture.check_wrap(model_check.read_config(folder), training)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
 HUB_TIMEOUT_S = 8.0
 _TRUE = ("1", "on", "yes", "true")
+_GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")   # marks the assistant's tokens (assistant_only_loss)
 
 
 def hub_cache() -> Path:
@@ -117,7 +119,8 @@ def _declared_pad(folder: Path) -> bool:
 
 
 def tokenizer_findings(tok, config: dict[str, Any], folder: Path | str, conversational: bool = False,
-                       chat_template_given: bool = False) -> tuple[list[str], list[str]]:
+                       chat_template_given: bool = False, assistant_only: bool = False
+                       ) -> tuple[list[str], list[str]]:
     """``(notices, problems)`` about a loaded tokenizer against the model's ``config.json``."""
     notices, problems = [], []
     cfg = text_config(config)
@@ -147,14 +150,19 @@ def tokenizer_findings(tok, config: dict[str, Any], folder: Path | str, conversa
         problems.append(f"model_id: config.json pad_token_id {cfg_pad} is outside the {rows} embedding rows (loading "
                         "fails with 'Padding_idx must be within num_embeddings'): set it to a token id below "
                         f"{rows} (e.g. the eos token's) or null")
-    if conversational and not chat_template_given and not getattr(tok, "chat_template", None):
+    template = getattr(tok, "chat_template", None)
+    if conversational and not chat_template_given and not template:
         problems.append("model_id: the rows are conversations but the tokenizer has no chat template: add one "
                         "(tokenizer.chat_template), set chat_template_path, or use prompt/completion or text rows")
+    elif assistant_only and not chat_template_given and isinstance(template, str) and not _GENERATION.search(template):
+        problems.append("assistant_only_loss: the tokenizer's chat template has no {% generation %} block, so no "
+                        "token is marked as the assistant's (TRL fails on the first row): use a template with "
+                        "one (chat_template_path), or set assistant_only_loss: false")
     return notices, problems
 
 
-def check_folder(folder: Path, conversational: bool = False, chat_template_given: bool = False
-                 ) -> tuple[list[str], list[str]]:
+def check_folder(folder: Path, conversational: bool = False, chat_template_given: bool = False,
+                 assistant_only: bool = False) -> tuple[list[str], list[str]]:
     """Load the tokenizer of a local model folder as the worker will and check it (validation)."""
     has_tokenizer = any((folder / n).is_file() for n in TOKENIZER_FILES)
     if not has_tokenizer:
@@ -168,7 +176,7 @@ def check_folder(folder: Path, conversational: bool = False, chat_template_given
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - the worker would fail the same way at start
         return [], [f"model_id: the tokenizer in {folder} does not load ({type(e).__name__}: {str(e)[:300]})"]
-    return tokenizer_findings(tok, read_config(folder), folder, conversational, chat_template_given)
+    return tokenizer_findings(tok, read_config(folder), folder, conversational, chat_template_given, assistant_only)
 
 
 def load_tokenizer(model_id: str):
