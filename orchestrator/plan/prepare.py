@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..config import JobConfig, load_config
+from ..config import ConfigError, JobConfig, load_config
 from ..config.overrides import Override
 from ..store.paths import orchestrate_home
-from .inputs import default_worker_script, detect_topology, read_model_shape
+from .inputs import default_worker_script, detect_topology, inspect_inputs, read_model_config, read_model_shape
 from .launch_plan import LaunchPlan
 from .make import make_plan
 from .topology import Topology
@@ -40,7 +40,7 @@ def prepare(config_path: str, *, home: Path | None = None, topology: Topology | 
     before it is validated, and recorded in the plan.
     """
     cwd = cwd or os.getcwd()
-    cfg = load_config(config_path, cwd=cwd, script=script, overrides=overrides)
+    cfg = load_config(config_path, cwd=cwd, script=script, overrides=overrides, inspect=inspect_inputs)
     if backend:
         cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, backend=backend))
     topo = topology or detect_topology()
@@ -49,4 +49,21 @@ def prepare(config_path: str, *, home: Path | None = None, topology: Topology | 
                      model=read_model_shape(cfg.training.get("model_id")))
     if overrides:
         plan = dataclasses.replace(plan, overrides=tuple(str(o) for o in overrides))
-    return cfg, plan
+    return cfg, _as_the_worker_sees_it(cfg, plan)
+
+
+def _as_the_worker_sees_it(cfg: JobConfig, plan: LaunchPlan) -> LaunchPlan:
+    """The worker's own view of the planned config: its ``SFTConfig`` must build with the plan's choices in it
+    (ConfigError if not), and the attention the plan chose may need a notice for this architecture."""
+    if cfg.launch.script:
+        return plan
+    from ..config.training_args import training_args_problems
+    from ..worker.architecture import attention_notice
+    from .performance import VARLEN
+
+    problems = training_args_problems(plan.worker_config)
+    if problems:
+        raise ConfigError(str(cfg.source), [f"{p}; with the plan's choices applied" for p in problems],
+                          list(plan.notices))
+    notice = attention_notice(plan.worker_config, read_model_config(cfg.training.get("model_id")), VARLEN)
+    return dataclasses.replace(plan, notices=plan.notices + (notice,)) if notice else plan
