@@ -21,7 +21,8 @@ from ..store.lease import SupervisorHealth, unsupervised
 from ..store.ledger import Job
 from ..store.logs import FirstError
 from ..store.progress import ProgressState
-from .charts import bar, loss_chart, sparkline
+from .charts import EVAL_MARK, bar, loss_chart, sparkline
+from .goodput_view import eval_cell, eval_json, eval_text, goodput_cell, goodput_text, step_time_text
 from .table import Col, FastTable
 
 __all__ = ["Snapshot", "STATE_STYLE", "sparkline", "fmt_duration", "jobs_table", "list_table", "job_detail",
@@ -49,6 +50,7 @@ class Snapshot:
     log_dir: str | None = None                                    # rank logs of the latest attempt
     supervisor: SupervisorHealth | None = None                    # from the lease (read for unfinished jobs)
     heartbeat: Mapping[str, Any] | None = None                    # the latest attempt's heartbeat.json (phase)
+    goodput: Mapping[str, Any] | None = None                      # store/goodput.py Account.to_json()
 
 
 def supervisor_gone(s: Snapshot) -> bool:
@@ -138,7 +140,8 @@ def order_for_status(snaps: list[Snapshot]) -> list[Snapshot]:
 
 _JOB_COLS = [Col("job", 0), Col("name", 9), Col("backend", 8), Col("state", 0), Col("att", 3, right=True),
              Col("progress", 5), Col("step", 0, right=True), Col("loss", 2, right=True), Col("trend", 7),
-             Col("tok/s", 4, right=True), Col("ETA", 3, right=True), Col("checkpoint", 6),
+             Col("eval", 6, right=True), Col("goodput", 5, right=True), Col("tok/s", 4, right=True),
+             Col("ETA", 3, right=True), Col("checkpoint", 6),
              Col("elapsed", 4, right=True), Col("last event", 10, flex=True)]
 
 
@@ -176,7 +179,8 @@ def jobs_table(snaps: list[Snapshot], max_rows: int | None = None) -> FastTable:
             ((j.id, "bold"),), ((j.name, ""),), ((j.backend, ""),), ((j.state.value, STATE_STYLE[j.state]),),
             ((attempt_label(s), ""),), ((done, _BAR_STYLE[j.state]), (rest, "bright_black")),
             ((f"{_step(s)}/{total or '?'}", ""),), ((_num(p.loss, ".4f"), ""),),
-            ((sparkline([v for _, v in p.losses], 16), "cyan"),), ((_num(p.tokens_per_s, ",.0f"), ""),),
+            ((sparkline([v for _, v in p.losses], 16), "cyan"),), ((eval_cell(p), "magenta"),),
+            ((goodput_cell(s.goodput), ""),), ((_num(p.tokens_per_s, ",.0f"), ""),),
             ((fmt_duration(_eta(s)), ""),), ((ckpt, "green" if ckpt != "-" else ""),),
             ((fmt_duration(_elapsed(s)), ""),), _last_event(s),
         ])
@@ -249,8 +253,13 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
     head.add_row("step", Text.assemble((done, _BAR_STYLE[j.state]), (rest, "bright_black"),
                                        f" {_step(s)}/{total or '?'}{pct}   loss {_num(p.loss, '.4f')}  ",
                                        (sparkline([v for _, v in p.losses], 24), "cyan")))
+    if eval_text(p) is not None:
+        head.add_row("eval loss", eval_text(p))
     head.add_row("throughput", f"{_num(p.tokens_per_s, ',.0f')} tokens/s   ETA {fmt_duration(_eta(s))}   "
                                f"elapsed {fmt_duration(_elapsed(s))}")
+    for name, row in (("goodput", goodput_text(s.goodput)), ("step time", step_time_text(s.goodput))):
+        if row is not None:
+            head.add_row(name, row)
     mode = p.distributed_type or j.distributed_type or "-"
     if p.fsdp_version:
         mode += f" (FSDP{p.fsdp_version})"
@@ -272,11 +281,13 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
         head.add_row("notice", Text(notice, style="yellow"))
     parts: list = [head]
     chart = loss_chart(p.losses, width=max(10, chart_width), height=chart_height,
-                       marks=tuple(a.start_step for a in j.attempts[1:] if a.start_step is not None))
+                       marks=tuple(a.start_step for a in j.attempts[1:] if a.start_step is not None), overlay=p.evals)
     if len(p.losses) >= 2 and chart and chart_height >= 3:
-        parts.append(Text("\nloss" + ("   (┴ = an attempt resumed here)" if "┴" in chart[-2] else ""),
-                          style="bold"))
-        parts.append(Text("\n".join(chart), style="cyan", no_wrap=True, overflow="crop"))
+        parts.append(Text("\nloss" + (f"   ({EVAL_MARK} = eval loss)" if p.evals else "")
+                          + ("   (┴ = an attempt resumed here)" if "┴" in chart[-2] else ""), style="bold"))
+        curve = Text("\n".join(chart), style="cyan", no_wrap=True, overflow="crop")
+        curve.highlight_words([EVAL_MARK], style="bold magenta")
+        parts.append(curve)
     if j.attempts:
         parts.append(Text(""))
         parts.append(_attempts_table(s))
@@ -328,7 +339,8 @@ def detail_frame(s: Snapshot, hint: str | None = None, width: int | None = None,
     if width is not None:
         chart_w = min(chart_w, width - 10)
     if height is not None:
-        rest = 15 + (2 if hint else 0) + 2 * len(s.errors) + (4 + len(s.job.attempts) if s.job.attempts else 0)
+        rest = 15 + (2 if hint else 0) + (2 if s.goodput else 0) + (1 if s.progress.last_eval else 0) \
+            + 2 * len(s.errors) + (4 + len(s.job.attempts) if s.job.attempts else 0)
         chart_h = min(chart_h, height - rest)
     detail = job_detail(s, chart_w, chart_h)
     return Group(Text(hint, style="bold yellow"), detail) if hint else detail
@@ -347,11 +359,12 @@ def snapshot_json(s: Snapshot, detail: bool = False) -> dict[str, Any]:
         distributed_type=p.distributed_type or j.distributed_type, fsdp_version=p.fsdp_version,
         world_size=p.world_size, log_dir=s.log_dir,
         supervisor=(s.supervisor or SupervisorHealth(alive=False)).to_json(),
-        notices=list(p.notices),
+        notices=list(p.notices), goodput=s.goodput, **eval_json(p),
         phase=(s.heartbeat or {}).get("phase") if not j.state.is_terminal else None,
         first_errors={str(n): {"rank": e.rank, "summary": e.summary, "step": e.step, "time": e.time,
                                "record": e.source} for n, e in s.errors.items()},
     )
     if detail:
         data["losses"] = [[step, _clean(v)] for step, v in p.losses]
+        data["evals"] = [[step, _clean(v)] for step, v in p.evals]
     return data
