@@ -19,7 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-from ..store.goodput_read import GoodputReader
+from ..store.goodput_read import GoodputReader, read_final
 from ..store.lease import supervisor_health
 from ..store.ledger import Job, Ledger
 from ..store.logs import FirstError, first_error
@@ -35,6 +35,7 @@ FULL_REREAD_S = 30.0         # live views re-read the whole ledger this often ..
 SLACK_S = 10.0               # ... and in between the rows changed since the last frame minus this
 _KEEP_LOSSES = 16   # the table's sparkline
 _KEEP_EVALS = 64
+GOODPUT_REFRESH_S = 5.0   # a running job's account is recomputed at most this often (and 20x its cost)
 _SCAN_BACK = (b'"event": "checkpoint"', b'"event": "eval"')   # records the table needs even when older than the tail
 _STATE_FIELDS = [f.name for f in fields(ProgressState)]
 
@@ -106,6 +107,7 @@ class SnapshotSource:
         self._plans: dict[str, list] = {}
         self._errors: dict[tuple[str, int], FirstError | None] = {}
         self._goodput: dict[str, GoodputReader] = {}        # unfinished jobs: read on from where they were
+        self._goodput_last: dict[str, tuple[float, float, dict]] = {}   # job -> (when, cost s, account)
         self._jobs: dict[str, Job] | None = None
         self._full_at = self._since = 0.0
         self._snaps: dict[str, Snapshot] = {}
@@ -165,15 +167,30 @@ class SnapshotSource:
                 self._dirty = True
         return follower.state
 
-    def goodput(self, job: Job) -> dict | None:
-        """The job's goodput account (``Account.to_json()``); a finished job's is computed once and cached."""
+    def goodput(self, job: Job, detail: bool = True) -> dict | None:
+        """The job's goodput account (``Account.to_json()``), recomputed at a bounded rate while it runs.
+
+        A finished job's comes from the cache or from the ``goodput.json`` its supervisor wrote at its
+        end; without either (a job that ended before there was one), only the detail view computes it
+        (then cached): the table of a thousand such jobs must not read every progress file.
+        """
         if not job.state.is_terminal:
+            now, last = self.clock(), self._goodput_last.get(job.id)
+            if last is not None and now - last[0] < max(GOODPUT_REFRESH_S, 20 * last[1]):
+                return last[2]
             reader = self._goodput.setdefault(job.id, GoodputReader(job.run_dir))
-            return reader.account(job, self.clock()).to_json()
+            t0 = time.monotonic()
+            data = reader.account(job, now).to_json()
+            self._goodput_last[job.id] = (now, time.monotonic() - t0, data)
+            return data
         self._goodput.pop(job.id, None)
+        self._goodput_last.pop(job.id, None)
         entry = self._cache.setdefault(job.id, {})
         if entry.get("goodput_key") != _cache_key(job) or "goodput" not in entry:
-            entry.update(goodput_key=_cache_key(job), goodput=GoodputReader(job.run_dir).account(job).to_json())
+            data = read_final(job) or (GoodputReader(job.run_dir).account(job).to_json() if detail else None)
+            if data is None:
+                return None
+            entry.update(goodput_key=_cache_key(job), goodput=data)
             self._dirty = True
         return entry["goodput"]
 
@@ -202,7 +219,7 @@ class SnapshotSource:
             beat = read_heartbeat(RunPaths(Path(job.run_dir)).attempt_dir(job.attempts[-1].n))
         return Snapshot(job=job, progress=self._progress(job, detail), now=self.clock(), max_restarts=restarts,
                         planned_steps=steps, errors=self.errors(job) if detail else {}, log_dir=log_dir,
-                        supervisor=health, heartbeat=beat, goodput=self.goodput(job))
+                        supervisor=health, heartbeat=beat, goodput=self.goodput(job, detail))
 
     def _ledger_jobs(self, incremental: bool) -> list[Job]:
         now = self.clock()

@@ -27,6 +27,7 @@ span between two marks is spread evenly over its steps.
 """
 from __future__ import annotations
 
+import bisect
 import statistics
 from dataclasses import dataclass, field
 
@@ -176,16 +177,39 @@ class _Timeline:
     """Spans laid end to end from a cursor: whatever is added, the parts cover the wall time once."""
 
     def __init__(self, start: float):
-        self.cursor, self.spans = start, []
+        self.cursor, self.parts = start, []   # [start, end, cause, attempt]: one per run of a cause
         self.attempt: int | None = None
         self.account: AttemptAccount | None = None
+        self.overheads: list[tuple[float, float, str]] = []
+        self._starts: list[float] = []
+        self._longest = 0.0
+
+    @property
+    def spans(self) -> list[Span]:
+        return [Span(*p) for p in self.parts]
 
     def to(self, t: float, cause: str) -> None:
         if t > self.cursor:
-            self.spans.append(Span(self.cursor, t, cause, self.attempt))
+            last = self.parts[-1] if self.parts else None
+            if last is not None and last[1] == self.cursor and last[2] == cause and last[3] == self.attempt:
+                last[1] = t                   # a run of steps is one span, not one per step
+            else:
+                self.parts.append([self.cursor, t, cause, self.attempt])
             if self.account is not None:
                 self.account.seconds[cause] = self.account.seconds.get(cause, 0.0) + t - self.cursor
             self.cursor = t
+
+    def set_overheads(self, overheads: list[tuple[float, float, str]]) -> None:
+        """This attempt's saves and evaluations, sorted; looked up by time (a job has many steps)."""
+        self.overheads = overheads
+        self._starts = [o[0] for o in overheads]
+        self._longest = max((o[1] - o[0] for o in overheads), default=0.0)
+
+    def near(self, t0: float, t1: float) -> list[tuple[float, float, str]]:
+        """The overheads that may overlap ``[t0, t1)``."""
+        hi = bisect.bisect_left(self._starts, t1)
+        lo = bisect.bisect_left(self._starts, t0 - self._longest, 0, hi)
+        return self.overheads[lo:hi]
 
     def gap(self, end: float, default: str, facts: JobFacts, open_end: bool = False) -> None:
         """Time with no attempt running: queue until an allocation started, ``default`` after."""
@@ -197,11 +221,11 @@ class _Timeline:
             self.to(end, "queue")
         self.to(end, default)
 
-    def fill(self, end: float, overheads: list[tuple[float, float, str]], budget: list[tuple[float, str]]) -> None:
+    def fill(self, end: float, budget: list[tuple[float, str]]) -> None:
         """Up to ``end``: overheads (saves, evaluations) as themselves, the free time to ``budget``'s causes
         in order (``(seconds, cause)``; the last one takes whatever is left)."""
         budget = list(budget)
-        for o0, o1, cause in overheads:
+        for o0, o1, cause in self.near(self.cursor, end):
             if o1 <= self.cursor or o0 >= end:
                 continue
             self._free(min(o0, end), budget)
@@ -242,6 +266,7 @@ def account(facts: JobFacts) -> Account:
         _attempt(tl, a, window_end, keep, running, acc)
         accounts.append(acc)
     tl.attempt = tl.account = None
+    tl.set_overheads([])
     if facts.terminal:
         tl.to(facts.end, "other")
     else:
@@ -276,9 +301,10 @@ def _attempt(tl: _Timeline, a: AttemptFacts, end: float, keep: float, running: b
     tl.to(t_begin - min(restore, max(0.0, t_begin - tl.cursor)), "startup")
     tl.to(t_begin, "restore")
     marks, overheads = _marks(recs, start, t_begin, end)
+    tl.set_overheads(overheads)
     for (t0, s0), (t1, s1) in zip(marks, marks[1:]):
-        _steps(tl, t1, s0, s1 - s0, keep, overheads, acc, warm=t0 == t_begin)
-    _tail(tl, a, marks[-1], end_rec, alive, end, keep, running, overheads, acc)
+        _steps(tl, t1, s0, s1 - s0, keep, acc, warm=t0 == t_begin)
+    _tail(tl, a, marks[-1], end_rec, alive, end, keep, running, acc)
 
 
 def _marks(recs: list[dict], start: dict, t_begin: float, end: float):
@@ -307,44 +333,47 @@ def _marks(recs: list[dict], start: dict, t_begin: float, end: float):
     return out, sorted(overheads)
 
 
-def _steps(tl: _Timeline, t1: float, s0: int, n: int, keep: float, overheads, acc: AttemptAccount,
-           warm: bool = False) -> None:
+def _steps(tl: _Timeline, t1: float, s0: int, n: int, keep: float, acc: AttemptAccount, warm: bool = False) -> None:
     """Steps ``s0+1 .. s0+n`` ended by ``t1``: kept ones first, then lost ones; ``n == 0``: other."""
     if n <= 0:
-        tl.fill(t1, overheads, [(0.0, "other")])
+        tl.fill(t1, [(0.0, "other")])
         return
-    free = _free_time(tl.cursor, t1, overheads)
+    near = tl.near(tl.cursor, t1)
+    free = _free_time(tl.cursor, t1, near) if near else max(0.0, t1 - tl.cursor)
     kept = int(max(0, min(n, keep - s0)))
     acc.kept_steps += kept
     acc.lost_steps += n - kept
     acc.step_s.append((free / n, n, warm))
-    tl.fill(t1, overheads, [(free * kept / n, GOODPUT), (0.0, "lost")] if kept < n else [(free, GOODPUT)])
+    if not near and kept == n:             # the common case, kept short: a job has many steps
+        tl.to(t1, GOODPUT)
+        return
+    tl.fill(t1, [(free * kept / n, GOODPUT), (0.0, "lost")] if kept < n else [(free, GOODPUT)])
 
 
 def _tail(tl: _Timeline, a: AttemptFacts, last: tuple[float, int], end_rec: dict | None, alive: float, end: float,
-          keep: float, running: bool, overheads, acc: AttemptAccount) -> None:
+          keep: float, running: bool, acc: AttemptAccount) -> None:
     """After the last mark: unlogged steps, the final or stop save, a dying step; then the final check."""
     t_last, s_last = last
     median = acc.step_health()["median_s"] or 0.0
     state = (end_rec or {}).get("state")
     if running:
         stop = end
-        tl.fill(stop, overheads, [(0.0, GOODPUT if s_last < keep else "lost")])
+        tl.fill(stop, [(0.0, GOODPUT if s_last < keep else "lost")])
     elif state in (COMPLETED, STOPPED):
         stop = min(max(end_rec["time"], t_last), end)
         n = max(0, int(end_rec.get("step") or 0) - s_last)
         if n:
-            steps_s = min(n * median, _free_time(t_last, stop, overheads))
+            steps_s = min(n * median, _free_time(t_last, stop, tl.near(t_last, stop)))
             kept = int(max(0, min(n, keep - s_last)))
             acc.kept_steps, acc.lost_steps = acc.kept_steps + kept, acc.lost_steps + n - kept
             acc.step_s.append((steps_s / n, n, False))
             budget = [(steps_s * kept / n, GOODPUT), (steps_s * (n - kept) / n, "lost"), (0.0, "checkpoint")]
         else:
             budget = [(0.0, "checkpoint")]
-        tl.fill(stop, overheads, budget)
+        tl.fill(stop, budget)
     else:                                  # died (kill -9, lost node) or failed: the step in progress is lost
         stop = min(max(end_rec["time"] if end_rec else alive, t_last), end)
-        tl.fill(stop, overheads, [(median if median else stop - t_last, "lost"), (0.0, "waiting")])
+        tl.fill(stop, [(median if median else stop - t_last, "lost"), (0.0, "waiting")])
     check = a.final_check or {}
     if _num(check.get("started")) and _num(check.get("ended")):
         tl.to(min(max(check["started"], tl.cursor), end), "other" if state == COMPLETED else "waiting")
