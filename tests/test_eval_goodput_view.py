@@ -177,3 +177,33 @@ def test_end_summary_and_bench_lines_give_the_goodput():
     summary = final_summary(_snap(g))
     assert "goodput:" in summary and f"{100 * g['fraction']:.0f}% of 0:40 kept" in summary and "GPU-h" in summary
     assert summary_line(None) is None and goodput_text(None) is None and step_time_text({}) is None
+
+
+def test_finished_jobs_goodput_comes_from_goodput_json_or_the_detail_view_and_is_cached(tmp_path):
+    from orchestrator.dashboard.snapshots import SnapshotSource
+    from orchestrator.store.goodput_read import GOODPUT_FILE, write_final
+    from orchestrator.store.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger.db")
+    for job_id in ("old", "new"):
+        run = tmp_path / "runs" / job_id
+        run.mkdir(parents=True)
+        ledger.create_job(job_id=job_id, name="demo", backend="local", run_dir=str(run), config_path="/c.yaml",
+                          output_dir=str(run / "output"))
+        ledger.start_attempt(job_id, 1, resumed_from=None, start_step=0)
+        t = ledger.get(job_id).attempts[0].started
+        write(run / "progress.jsonl", [{"event": "start", "attempt": 1, "time": t + 1, "step": 0},
+                                       {"event": "log", "attempt": 1, "time": t + 2, "step": 1, "loss": 1.0},
+                                       {"event": "end", "attempt": 1, "time": t + 2.5, "step": 1,
+                                        "state": "completed"}])
+        ledger.update_attempt(job_id, 1, ended=t + 3, failure="COMPLETED")
+        ledger.update_job(job_id, state=JobState.COMPLETED)
+    write_final(ledger.get("new"))                       # what the supervisor does when a job ends
+    assert (tmp_path / "runs" / "new" / GOODPUT_FILE).exists()
+    table = {s.job.id: s for s in SnapshotSource.for_ledger(ledger).all()}
+    assert table["new"].goodput["goodput_s"] == pytest.approx(1.0) and table["old"].goodput is None
+    assert SnapshotSource.for_ledger(ledger).one("old").goodput["goodput_s"] == pytest.approx(1.0)
+    again = {s.job.id: s for s in SnapshotSource.for_ledger(ledger).all()}   # the detail view's, cached
+    assert again["old"].goodput["goodput_s"] == pytest.approx(1.0)
+    ledger.update_job("new", message="touched")          # changed since goodput.json: not trusted any more
+    assert {s.job.id: s for s in SnapshotSource(ledger).all()}["new"].goodput is None

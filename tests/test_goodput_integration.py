@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import statistics
+from pathlib import Path
 
 import pytest
 from orch_helpers import orch, progress, status, submit_detached, wait_end, wait_for
@@ -89,6 +90,8 @@ def test_a_killed_job_with_evaluation_shows_its_eval_and_accounts_for_every_seco
     assert one["steps"] == {"kept": resume_step, "lost": killed_after - resume_step}
     assert two["steps"]["lost"] == 0 and two["badput_s"]["restore"] > 0 and one["step_time"]["median_s"] > 0
     assert g["gpu_hours"]["total"] == pytest.approx(2 * g["wall_s"] / 3600, rel=0.01)
+    kept = json.loads((Path(run_dir) / "goodput.json").read_text())       # written by the supervisor at the end
+    assert kept["account"]["wall_s"] == g["wall_s"] and kept["job_updated"] == job["updated"]
 
     pytest.importorskip("matplotlib")
     r = orch(home, "report", job_id, timeout=120)

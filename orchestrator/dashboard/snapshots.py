@@ -192,6 +192,8 @@ class SnapshotSource:
                 return None
             entry.update(goodput_key=_cache_key(job), goodput=data)
             self._dirty = True
+            if detail:
+                self.save()   # status JOB computed it: the table finds it from now on
         return entry["goodput"]
 
     def errors(self, job: Job) -> dict[int, FirstError]:
