@@ -66,6 +66,7 @@ def test_a_clean_run_counts_start_up_saves_eval_final_save_and_check():
     assert data["gpu_hours"]["total"] == pytest.approx(2 * 31 / 3600, abs=1e-4)
     st = data["attempts"][0]["step_time"]
     assert st["median_s"] == pytest.approx(1.0) and st["slow_steps"] == 0
+    assert data["attempts"][0]["startup"] == {"launch_s": 2.0, "init_s": 6.0}   # 2-4 launch, 4-10 in the process
 
 
 def test_a_kill_after_a_checkpoint_loses_the_redone_steps_and_the_step_in_progress():

@@ -85,6 +85,7 @@ class AttemptAccount:
     seconds: dict[str, float] = field(default_factory=lambda: {c: 0.0 for c in (GOODPUT, *CAUSES)})
     step_s: list[tuple[float, int, bool]] = field(default_factory=list)  # (s per step, steps, warm-up)
     kept_steps: int = 0
+    startup: dict = field(default_factory=dict)   # launch_s (attempt start -> process start), init_s (-> first step)
     lost_steps: int = 0
     ranks: list[dict] = field(default_factory=list)
 
@@ -142,7 +143,7 @@ class Account:
         return {**_summary(self.seconds(), self.gpu_hours()),
                 "attempts": [{"n": a.n, "world_size": a.world_size, **_summary(a.seconds),
                               "gpu_hours": round(a.world_size * sum(a.seconds.values()) / 3600, 4),
-                              "steps": {"kept": a.kept_steps, "lost": a.lost_steps},
+                              "steps": {"kept": a.kept_steps, "lost": a.lost_steps}, "startup": a.startup,
                               "step_time": a.step_health(), "slowest_rank": a.slowest_rank()}
                              for a in self.attempts]}
 
@@ -300,6 +301,9 @@ def _attempt(tl: _Timeline, a: AttemptFacts, end: float, keep: float, running: b
     restore = start.get("restore_s") if _num(start.get("restore_s")) else 0.0
     tl.to(t_begin - min(restore, max(0.0, t_begin - tl.cursor)), "startup")
     tl.to(t_begin, "restore")
+    if _num(start.get("process_start")):   # the launcher's share of start-up (torchrun, srun) and the process's
+        proc = min(max(start["process_start"], a.started), t_begin)
+        acc.startup = {"launch_s": round(proc - a.started, 3), "init_s": round(t_begin - restore - proc, 3)}
     marks, overheads = _marks(recs, start, t_begin, end)
     tl.set_overheads(overheads)
     for (t0, s0), (t1, s1) in zip(marks, marks[1:]):
