@@ -190,3 +190,19 @@ def test_the_reader_takes_every_record_from_the_run_directory(tmp_path):
     data = job_account(ledger.get("j")).to_json()
     assert set(data["badput_s"]) == set(CAUSES) and data["goodput_s"] == pytest.approx(2.0)
     assert GOODPUT not in data["badput_s"]
+
+
+def test_shares_below_the_clocks_resolution_at_todays_epoch_end_instead_of_spinning():
+    import math
+
+    t = 1_796_652_671.0
+    tick = math.ulp(t)                                    # 2.4e-7 s: the finest step of a float here
+    # steps 2-4 logged one tick after step 1, attempt 2 resumes from 2: step 2's share (a third of a tick) is
+    # kept, the rest lost; the share cannot move the clock and must be spent, not waited for
+    a1 = AttemptFacts(1, started=t - 2, ended=t + 4, world_size=1, start_step=0, last_beat=t + 1,
+                      records=[start(1, t - 1), *logs(1, [t], 1), {"event": "log", "attempt": 1, "time": t + tick,
+                                                                   "step": 4}])
+    a2 = AttemptFacts(2, started=t + 5, ended=t + 9, world_size=1, start_step=2,
+                      records=[start(2, t + 6, step=2), *logs(2, [t + 7, t + 8], 3)])
+    data = check_adds_up(account(JobFacts(t - 3, t + 10, "COMPLETED", [a1, a2])), 13.0)
+    assert data["attempts"][0]["steps"] == {"kept": 2, "lost": 2}

@@ -22,6 +22,7 @@ import pytest
 from orch_helpers import orch, progress, status, submit_detached, wait_end, wait_for
 
 from orchestrator.backends.processes import rank_pids
+from orchestrator.worker import channel
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +91,7 @@ def test_a_killed_job_with_evaluation_shows_its_eval_and_accounts_for_every_seco
     assert one["steps"] == {"kept": resume_step, "lost": killed_after - resume_step}
     assert two["steps"]["lost"] == 0 and two["badput_s"]["restore"] > 0 and one["step_time"]["median_s"] > 0
     assert g["gpu_hours"]["total"] == pytest.approx(2 * g["wall_s"] / 3600, rel=0.01)
-    kept = json.loads((Path(run_dir) / "goodput.json").read_text())       # written by the supervisor at the end
+    kept = wait_for(lambda: channel.read_json(Path(run_dir) / "goodput.json"), 30, "goodput.json")  # the supervisor's
     assert kept["account"]["wall_s"] == g["wall_s"] and kept["job_updated"] == job["updated"]
 
     pytest.importorskip("matplotlib")

@@ -240,6 +240,9 @@ class _Timeline:
                 continue
             seconds, cause = budget[0]
             step_end = t if len(budget) == 1 else min(t, self.cursor + seconds)
+            if step_end <= self.cursor:       # less than the clock's resolution at this epoch: spent
+                budget.pop(0)
+                continue
             budget[0] = (seconds - (step_end - self.cursor), cause)
             self.to(step_end, cause)
 
