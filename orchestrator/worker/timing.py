@@ -16,13 +16,14 @@ every ``StepClock.WRITE_EVERY_S``.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import socket
 import statistics
 import time
 from pathlib import Path
 
-from . import channel
 
 STEPS_FILE_PREFIX = "steps-rank"      # <attempt_dir>/steps-rank<R>.json, one per rank
 # Trainer methods that load a checkpoint on resume (transformers 4.4x-5.x); a missing one is skipped.
@@ -139,12 +140,14 @@ class StepClock:
                 "between_s": _stats(self.between_s)}
 
     def write(self) -> None:
-        """Best effort: a full disk must not stop training for a statistic."""
+        """Best effort and without fsync (this runs on the training path): replaced whole, never half-written."""
         self._written = self.clock()
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         try:
-            channel.write_json_atomic(self.path, self.summary())
+            tmp.write_text(json.dumps(self.summary(), sort_keys=True))
+            os.replace(tmp, self.path)
         except OSError:
-            pass
+            pass   # a full disk must not stop training for a statistic
 
 
 def _stats(values: list[float]) -> dict | None:
