@@ -90,10 +90,12 @@ def test_progress_keeps_the_last_and_best_eval_and_a_redone_step_replaces_its_ev
     f.poll()
     s = f.state
     assert s.last_eval["step"] == 30 and s.last_eval["eval_loss"] == 1.7 and s.last_eval["metrics"]["eval_runtime"]
-    assert s.best_eval == {"step": 20, "eval_loss": 1.5} and s.evals == [(10, 2.0), (20, 1.5), (30, 1.7)]
+    assert (s.best_eval["step"], s.best_eval["eval_loss"]) == (20, 1.5) and s.evals == [(10, 2.0), (20, 1.5), (30, 1.7)]
+    assert s.best_eval["metrics"]["eval_loss"] == 1.5                     # what the sweep table reads
     write(path, [eval_rec(20, 1.9, attempt=2)])       # rolled back past 20 and evaluated again
     f.poll()
-    assert s.best_eval == {"step": 30, "eval_loss": 1.7} and s.evals[-1] == (20, 1.9)
+    assert (s.best_eval["step"], s.best_eval["eval_loss"]) == (30, 1.7) and s.evals[-1] == (20, 1.9)
+    assert s.best_eval["metrics"]["eval_loss"] == 1.7
     write(path, [eval_rec(40, float("nan"), attempt=2)])
     f.poll()
     assert s.best_eval["step"] == 30 and s.last_eval["step"] == 40

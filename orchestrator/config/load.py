@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -19,6 +19,7 @@ from .checkpoint import parse_checkpoint
 from .errors import ConfigError
 from .integrations import check_report_to
 from .launch import LaunchSettings, parse_launch
+from .overrides import Override, apply_overrides
 from .renames import FSDP1_ONLY_KEYS, translate
 
 DATASET_FILE = "train_dataset.json"
@@ -61,17 +62,20 @@ class JobConfig:
         return self.launch.name or self.source.stem
 
 
-def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None, script: str | None = None) -> JobConfig:
+def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None, script: str | None = None,
+                overrides: Sequence[Override] = ()) -> JobConfig:
     """Read and validate ``path``. Relative paths in it resolve against ``cwd``, as torchrun would.
 
     ``script`` (``submit --script``) replaces ``launch.script``: the user's own training script runs
     instead of ``train_worker.py``; keys the schema does not know are then left to it (one notice).
+    ``overrides`` (``KEY=VALUE`` on the command line, :mod:`.overrides`) are set before validation.
     """
     source = Path(path)
     cwd = Path(cwd or os.getcwd())
-    raw = _read_yaml(source)
+    raw, override_problems = apply_overrides(_read_yaml(source), list(overrides))
     launch_raw = raw.pop("launch", None)
     launch, problems = parse_launch(launch_raw)
+    problems = override_problems + problems
     if script:
         launch = dataclasses.replace(launch, script=script)
     if launch.script:

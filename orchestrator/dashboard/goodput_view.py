@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from rich.text import Text
 
 from ..store.progress import ProgressState
-from .charts import bar, sparkline
+from .charts import EVAL_MARK, bar, sparkline
 
 CAUSE_LABEL = {"queue": "queue", "startup": "start-up", "restore": "restore", "checkpoint": "checkpoints",
                "eval": "eval", "lost": "lost progress", "waiting": "waiting", "final_check": "final check",
@@ -82,6 +82,16 @@ def goodput_cell(g: Mapping[str, Any] | None) -> str:
     return "-" if frac is None else f"{100 * frac:.0f}%"
 
 
+def only_shown_columns(cols: list, rows: list, snaps: list) -> tuple[list, list]:
+    """The jobs table without its ``eval`` / ``goodput`` column when no job shown has one to show."""
+    empty = {"eval": not any(s.progress.last_eval for s in snaps), "goodput": not any(s.goodput for s in snaps)}
+    drop = {i for i, c in enumerate(cols) if empty.get(c.name)}
+    if not drop:
+        return cols, rows
+    return ([c for i, c in enumerate(cols) if i not in drop],
+            [[c for i, c in enumerate(r) if i not in drop] if isinstance(r, list) else r for r in rows])
+
+
 def goodput_text(g: Mapping[str, Any] | None, width: int = 20) -> Text | None:
     """``███████░░░ 72% of 4:10 kept (0.23 of 0.32 GPU-h)   badput: lost progress 0:31, start-up 0:22``."""
     if not g or g.get("fraction") is None:
@@ -139,3 +149,20 @@ def summary_line(g: Mapping[str, Any] | None) -> str | None:
     return (f"  goodput:     {100 * g['fraction']:.0f}% of {_fmt_s(g['wall_s'])} kept as training progress"
             + (f" ({gpu.get('badput', 0):.2f} of {gpu.get('total', 0):.2f} GPU-h went elsewhere)" if gpu else "")
             + (f"; badput: {causes}" if causes else ""))
+
+
+# -- the job detail --------------------------------------------------------------------------------
+
+def detail_rows(p: ProgressState, g: Mapping[str, Any] | None) -> list[tuple[str, Text]]:
+    """The job detail's ``eval loss``, ``goodput`` and ``step time`` rows, those that have something to say."""
+    rows = [("eval loss", eval_text(p)), ("goodput", goodput_text(g)), ("step time", step_time_text(g))]
+    return [(name, row) for name, row in rows if row is not None]
+
+
+def loss_curve(chart: list[str], evals: bool) -> list[Text]:
+    """The loss chart's title and body, eval points (``EVAL_MARK``) in their own colour."""
+    title = Text("\nloss" + (f"   ({EVAL_MARK} = eval loss)" if evals else "")
+                 + ("   (┴ = an attempt resumed here)" if "┴" in chart[-2] else ""), style="bold")
+    curve = Text("\n".join(chart), style="cyan", no_wrap=True, overflow="crop")
+    curve.highlight_words([EVAL_MARK], style="bold magenta")
+    return [title, curve]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -21,19 +22,22 @@ from ..store.lease import SupervisorHealth, unsupervised
 from ..store.ledger import Job
 from ..store.logs import FirstError
 from ..store.progress import ProgressState
-from .charts import EVAL_MARK, bar, loss_chart, sparkline
-from .goodput_view import eval_cell, eval_json, eval_text, goodput_cell, goodput_text, step_time_text
-from .table import Col, FastTable
+from .charts import bar, loss_chart, sparkline
+from .goodput_view import detail_rows, eval_cell, eval_json, goodput_cell, loss_curve, only_shown_columns
+from .rows import end_reason, shown_name, steps_gained_text, steps_kept
+from .table import Banner, Col, FastTable
 
 __all__ = ["Snapshot", "STATE_STYLE", "sparkline", "fmt_duration", "jobs_table", "list_table", "job_detail",
            "status_frame", "detail_frame", "snapshot_json", "attempt_label", "attempt_budget", "order_for_status"]
 
 STATE_STYLE = {
-    JobState.PENDING: "yellow", JobState.RUNNING: "bold cyan", JobState.RESUMING: "bold yellow",
+    JobState.QUEUED: "blue", JobState.PENDING: "yellow", JobState.RUNNING: "bold cyan",
+    JobState.RESUMING: "bold yellow",
     JobState.COMPLETED: "bold green", JobState.FAILED: "bold red", JobState.CANCELLED: "magenta",
 }
 _BAR_STYLE = {JobState.COMPLETED: "green", JobState.FAILED: "red", JobState.CANCELLED: "magenta",
-              JobState.RESUMING: "yellow", JobState.PENDING: "yellow", JobState.RUNNING: "cyan"}
+              JobState.RESUMING: "yellow", JobState.PENDING: "yellow", JobState.RUNNING: "cyan",
+              JobState.QUEUED: "blue"}
 _NOT_CHARGED = ("PREEMPTED",)   # graceful stops have a budget of their own (supervise/policy.py)
 
 
@@ -50,6 +54,7 @@ class Snapshot:
     log_dir: str | None = None                                    # rank logs of the latest attempt
     supervisor: SupervisorHealth | None = None                    # from the lease (read for unfinished jobs)
     heartbeat: Mapping[str, Any] | None = None                    # the latest attempt's heartbeat.json (phase)
+    overrides: tuple[str, ...] = ()                               # plan.json: KEY=VALUE of the command line
     goodput: Mapping[str, Any] | None = None                      # store/goodput.py Account.to_json()
 
 
@@ -126,7 +131,9 @@ def _step(s: Snapshot) -> int:
 
 def _elapsed(s: Snapshot) -> float:
     end = s.job.updated if s.job.state.is_terminal else s.now
-    return max(0.0, end - s.job.created)
+    # a sweep's job counts from its first attempt: the time it waited QUEUED for its turn is not its own
+    start = s.job.attempts[0].started if s.job.group_id and s.job.attempts else s.job.created
+    return max(0.0, end - start)
 
 
 def _eta(s: Snapshot) -> float | None:
@@ -163,31 +170,43 @@ def _last_event(s: Snapshot):
     starting = _starting(s)
     if starting:
         return ((starting, "yellow"),)
-    return (((s.job.message or "").splitlines()[0] if s.job.message else "", "dim"),)
+    ended = s.job.state in (JobState.FAILED, JobState.CANCELLED)
+    return ((end_reason(s), _BAR_STYLE[s.job.state] if ended else "dim"),)
 
 
 def jobs_table(snaps: list[Snapshot], max_rows: int | None = None) -> FastTable:
-    """One row per job; columns that do not fit the width are dropped, least useful first."""
-    rows = []
+    """One row per job; columns that do not fit the width are dropped, least useful first. A FAILED or
+    CANCELLED row is in its state's colour; the jobs of a sweep stand together under their group's line."""
+    from .groups import block_header
+
+    rows: list = []
     shown = snaps if max_rows is None else snaps[:max(0, max_rows)]
-    for s in shown:
+    names = [shown_name(s) for s in shown]
+    twins = Counter(names)   # two jobs of one config: told apart by when they were submitted
+    for k, s in enumerate(shown):
         j, p = s.job, s.progress
+        if j.group_id and (k == 0 or shown[k - 1].job.group_id != j.group_id):
+            rows.append(Banner(block_header(j.group_id, [t for t in shown if t.job.group_id == j.group_id], s.now)))
         total = _total(s)
         done, rest = bar(min(_step(s), total) / total if total else 0.0, 12)
         ckpt = f"step {p.last_checkpoint_step}" if p.last_checkpoint_step is not None else "-"
+        ended = j.state in (JobState.FAILED, JobState.CANCELLED)
+        row_style = _BAR_STYLE[j.state] if ended else ""
+        name = names[k] + (time.strftime(" @%H:%M", time.localtime(j.created)) if twins[names[k]] > 1 else "")
         rows.append([
-            ((j.id, "bold"),), ((j.name, ""),), ((j.backend, ""),), ((j.state.value, STATE_STYLE[j.state]),),
+            (((" " if j.group_id else "") + j.id, f"bold {row_style}".strip()),), ((name, row_style),),
+            ((j.backend, ""),), ((j.state.value, STATE_STYLE[j.state]),),
             ((attempt_label(s), ""),), ((done, _BAR_STYLE[j.state]), (rest, "bright_black")),
-            ((f"{_step(s)}/{total or '?'}", ""),), ((_num(p.loss, ".4f"), ""),),
-            ((sparkline([v for _, v in p.losses], 16), "cyan"),), ((eval_cell(p), "magenta"),),
-            ((goodput_cell(s.goodput), ""),), ((_num(p.tokens_per_s, ",.0f"), ""),),
+            ((f"{_step(s)}/{total or '?'}", row_style),), ((_num(p.loss, ".4f"), ""),),
+            ((sparkline([v for _, v in p.losses], 16), "bright_black" if ended else "cyan"),),
+            ((eval_cell(p), "magenta"),), ((goodput_cell(s.goodput), ""),), ((_num(p.tokens_per_s, ",.0f"), ""),),
             ((fmt_duration(_eta(s)), ""),), ((ckpt, "green" if ckpt != "-" else ""),),
             ((fmt_duration(_elapsed(s)), ""),), _last_event(s),
         ])
     more = len(snaps) - len(shown)
     footer = f"… {more} more job(s) not shown: orchestrate list" if more else \
         None if snaps else "no jobs yet: orchestrate submit CONFIG"
-    return FastTable(_JOB_COLS, rows, footer=footer)
+    return FastTable(*only_shown_columns(_JOB_COLS, rows, shown), footer=footer)
 
 
 _LIST_COLS = [Col("job", 0), Col("name", 6), Col("backend", 5), Col("state", 0), Col("attempts", 3, right=True),
@@ -223,7 +242,7 @@ def _attempts_table(s: Snapshot) -> Table:
         ("where",) if slurm else ()), "detail")
     for col in cols:
         att.add_column(col, overflow="fold" if col in ("detail", "where") else "ellipsis")
-    for a in s.job.attempts:
+    for k, a in enumerate(s.job.attempts):
         dur = (a.ended or s.now) - a.started
         err = s.errors.get(a.n)
         detail = (a.message or "").splitlines()[0] if a.message else (err.line() if err else "")
@@ -231,7 +250,7 @@ def _attempts_table(s: Snapshot) -> Table:
                        "cyan" if not a.failure else "yellow" if a.failure == "PREEMPTED" else "red")
         att.add_row(str(a.n), time.strftime("%H:%M:%S", time.localtime(a.started)), fmt_duration(dur),
                     "-" if a.exit_code is None else str(a.exit_code), failure,
-                    (a.resumed_from or "-").rsplit("/", 1)[-1], _num(a.steps_gained, "d"),
+                    (a.resumed_from or "-").rsplit("/", 1)[-1], steps_gained_text(s, k),
                     "-" if a.world_size is None else str(a.world_size), *((where_ran(a),) if slurm else ()), detail)
     return att
 
@@ -253,13 +272,10 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
     head.add_row("step", Text.assemble((done, _BAR_STYLE[j.state]), (rest, "bright_black"),
                                        f" {_step(s)}/{total or '?'}{pct}   loss {_num(p.loss, '.4f')}  ",
                                        (sparkline([v for _, v in p.losses], 24), "cyan")))
-    if eval_text(p) is not None:
-        head.add_row("eval loss", eval_text(p))
     head.add_row("throughput", f"{_num(p.tokens_per_s, ',.0f')} tokens/s   ETA {fmt_duration(_eta(s))}   "
                                f"elapsed {fmt_duration(_elapsed(s))}")
-    for name, row in (("goodput", goodput_text(s.goodput)), ("step time", step_time_text(s.goodput))):
-        if row is not None:
-            head.add_row(name, row)
+    for name, row in detail_rows(p, s.goodput):   # eval loss, goodput, step time (issues 16.2, 20)
+        head.add_row(name, row)
     mode = p.distributed_type or j.distributed_type or "-"
     if p.fsdp_version:
         mode += f" (FSDP{p.fsdp_version})"
@@ -273,6 +289,10 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
         head.add_row("phase", phase_text(s))
     if not j.state.is_terminal:
         head.add_row("supervisor", supervisor_line(s))
+    if s.overrides:
+        head.add_row("overrides", " ".join(s.overrides))
+    if j.group_id:
+        head.add_row("group", f"{j.group_id}   (orchestrate status --group {j.group_id})")
     head.add_row("run dir", j.run_dir)
     head.add_row("logs", f"orchestrate logs {j.id} -f" + (f"   ({s.log_dir})" if s.log_dir else ""))
     if j.message:
@@ -283,11 +303,7 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
     chart = loss_chart(p.losses, width=max(10, chart_width), height=chart_height,
                        marks=tuple(a.start_step for a in j.attempts[1:] if a.start_step is not None), overlay=p.evals)
     if len(p.losses) >= 2 and chart and chart_height >= 3:
-        parts.append(Text("\nloss" + (f"   ({EVAL_MARK} = eval loss)" if p.evals else "")
-                          + ("   (┴ = an attempt resumed here)" if "┴" in chart[-2] else ""), style="bold"))
-        curve = Text("\n".join(chart), style="cyan", no_wrap=True, overflow="crop")
-        curve.highlight_words([EVAL_MARK], style="bold magenta")
-        parts.append(curve)
+        parts += loss_curve(chart, bool(p.evals))
     if j.attempts:
         parts.append(Text(""))
         parts.append(_attempts_table(s))
@@ -323,7 +339,9 @@ def _summary(snaps: list[Snapshot], now: float) -> Text:
 
 def status_frame(snaps: list[Snapshot], now: float, max_rows: int | None = None, hint: str | None = None) -> Group:
     """The all-jobs view: a summary line, the table and an optional hint line."""
-    parts: list = [_summary(snaps, now), jobs_table(order_for_status(snaps), max_rows)]
+    from .groups import in_blocks
+
+    parts: list = [_summary(snaps, now), jobs_table(in_blocks(order_for_status(snaps)), max_rows)]
     if hint:
         parts.append(Text(hint, style="dim"))
     return Group(*parts)
@@ -364,6 +382,9 @@ def snapshot_json(s: Snapshot, detail: bool = False) -> dict[str, Any]:
         first_errors={str(n): {"rank": e.rank, "summary": e.summary, "step": e.step, "time": e.time,
                                "record": e.source} for n, e in s.errors.items()},
     )
+    data["overrides"] = list(s.overrides)
+    for k, a in enumerate(data["attempts"]):   # issue 19: steps trained after the point resumed from are lost
+        a["steps_kept"], a["steps_lost"] = steps_kept(s, k)
     if detail:
         data["losses"] = [[step, _clean(v)] for step, v in p.losses]
         data["evals"] = [[step, _clean(v)] for step, v in p.evals]

@@ -35,6 +35,7 @@ class Series:
     tokens_per_s: list[float] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
     start_step: int | None = None
+    world_size: int | None = None      # from the attempt's start record
     eval_steps: list[int] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
 
@@ -52,6 +53,7 @@ def read_series(progress_path: Path) -> list[Series]:
             continue
         if event == "start":
             s.start_step = step
+            s.world_size = rec.get("world_size") if isinstance(rec.get("world_size"), int) else s.world_size
         elif event == "log":
             if isinstance(rec.get("loss"), (int, float)):
                 s.steps.append(step)
@@ -65,6 +67,17 @@ def read_series(progress_path: Path) -> list[Series]:
             s.eval_steps.append(step)
             s.eval_loss.append(eval_loss(rec.get("metrics")))
     return [by_attempt[n] for n in sorted(by_attempt)]
+
+
+def world_changes(series: list[Series]) -> list[tuple[int, int, int]]:
+    """``(step, old world size, new)`` where an attempt resumed on another number of ranks (issue 19)."""
+    out, last = [], None
+    for s in series:
+        if s.world_size is not None:
+            if last is not None and s.world_size != last and s.start_step is not None:
+                out.append((s.start_step, last, s.world_size))
+            last = s.world_size
+    return out
 
 
 def _pyplot():
@@ -103,8 +116,14 @@ def write_report(job: Job, out: str | Path) -> Path:
                 ax.axvline(s.start_step, color=color, linestyle="--", linewidth=1.2)
             ax_loss.annotate(f"attempt {s.attempt}", (s.start_step, 1.0), xycoords=("data", "axes fraction"),
                              xytext=(3, -12), textcoords="offset points", color=color, fontsize=8)
+    for step, old, new in world_changes(series):   # throughput changes with the world size: say why
+        for ax in (ax_loss, ax_tps):
+            ax.axvline(step, color="black", linestyle=":", linewidth=1.5)
+        ax_tps.annotate(f"world size {old} -> {new}", (step, 0.0), xycoords=("data", "axes fraction"),
+                        xytext=(3, 4), textcoords="offset points", fontsize=8, fontweight="bold")
     ax_loss.set_ylabel("loss")
     ax_tps.set_ylabel("tokens/s")
+    ax_tps.set_ylim(bottom=0)   # a rate read against 0, so that a dip looks as large as it is
     ax_tps.set_xlabel("step  (dashed: an attempt resumed here; faint: checkpoints)")
     for ax in (ax_loss, ax_tps):
         ax.grid(alpha=0.3)

@@ -126,20 +126,25 @@ class SnapshotSource:
 
     def plan_info(self, job: Job) -> tuple[int | None, int | None]:
         """``(retry.max_restarts, max_steps)`` of the job's plan (read once: a plan never changes)."""
+        restarts, steps, _ = self._plan(job)
+        return restarts, steps
+
+    def _plan(self, job: Job) -> list:
+        """``[max_restarts, max_steps, overrides]`` of the job's plan, read once."""
         if job.id not in self._plans:
             cached = self._cache.get(job.id, {}).get("plan")
-            if cached is None:
+            if cached is None or len(cached) < 3:
                 plan = channel.read_json(RunPaths(Path(job.run_dir)).plan) or {}
                 restarts = (plan.get("retry") or {}).get("max_restarts")
                 steps = (plan.get("worker_config") or {}).get("max_steps")
                 cached = [restarts if isinstance(restarts, int) else None,
-                          steps if isinstance(steps, int) and steps > 0 else None]
+                          steps if isinstance(steps, int) and steps > 0 else None,
+                          [str(o) for o in plan.get("overrides") or []]]
                 if plan:
                     self._cache.setdefault(job.id, {})["plan"] = cached
                     self._dirty = True
             self._plans[job.id] = cached
-        restarts, steps = self._plans[job.id]
-        return restarts, steps
+        return self._plans[job.id]
 
     def _progress(self, job: Job, full: bool) -> ProgressState:
         key = (job.id, full)
@@ -211,7 +216,7 @@ class SnapshotSource:
 
     def snapshot(self, job: Job, detail: bool = False) -> Snapshot:
         """One job; ``detail`` reads its whole progress file (loss curve) and its errors."""
-        restarts, steps = self.plan_info(job)
+        restarts, steps, overrides = self._plan(job)
         log_dir = None
         if detail and job.attempts:
             log_dir = str(RunPaths(Path(job.run_dir)).rank_log_dir(job.attempts[-1].n))
@@ -221,7 +226,7 @@ class SnapshotSource:
             beat = read_heartbeat(RunPaths(Path(job.run_dir)).attempt_dir(job.attempts[-1].n))
         return Snapshot(job=job, progress=self._progress(job, detail), now=self.clock(), max_restarts=restarts,
                         planned_steps=steps, errors=self.errors(job) if detail else {}, log_dir=log_dir,
-                        supervisor=health, heartbeat=beat, goodput=self.goodput(job, detail))
+                        supervisor=health, heartbeat=beat, overrides=tuple(overrides), goodput=self.goodput(job, detail))
 
     def _ledger_jobs(self, incremental: bool) -> list[Job]:
         now = self.clock()

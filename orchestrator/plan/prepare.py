@@ -12,8 +12,10 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from ..config import JobConfig, load_config
+from ..config.overrides import Override
 from ..store.paths import orchestrate_home
 from .inputs import default_worker_script, detect_topology, read_model_shape
 from .launch_plan import LaunchPlan
@@ -29,18 +31,22 @@ def new_job_id(name: str) -> str:
 
 def prepare(config_path: str, *, home: Path | None = None, topology: Topology | None = None,
             cwd: str | None = None, job_id: str | None = None,
-            backend: str | None = None, script: str | None = None) -> tuple[JobConfig, LaunchPlan]:
+            backend: str | None = None, script: str | None = None,
+            overrides: Sequence[Override] = ()) -> tuple[JobConfig, LaunchPlan]:
     """Validate and plan without side effects (what ``--dry-run`` shows).
 
     ``backend`` replaces the config's ``launch.backend`` (``submit --backend``), ``script`` its
-    ``launch.script`` (``submit --script``).
+    ``launch.script`` (``submit --script``); ``overrides`` (``KEY=VALUE``) are set in the config
+    before it is validated, and recorded in the plan.
     """
     cwd = cwd or os.getcwd()
-    cfg = load_config(config_path, cwd=cwd, script=script)
+    cfg = load_config(config_path, cwd=cwd, script=script, overrides=overrides)
     if backend:
         cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, backend=backend))
     topo = topology or detect_topology()
     plan = make_plan(cfg, topo, job_id=job_id or new_job_id(cfg.name), home=home or orchestrate_home(),
                      python=sys.executable, worker_script=default_worker_script(), workdir=cwd,
                      model=read_model_shape(cfg.training.get("model_id")))
+    if overrides:
+        plan = dataclasses.replace(plan, overrides=tuple(str(o) for o in overrides))
     return cfg, plan

@@ -31,8 +31,9 @@ class ProgressState:
     failed_saves: int = 0          # saves whose write failed (no marker: the previous checkpoint stays)
     attempt_records: int = 0      # records of the attempt being followed
     last_attempt: int | None = None
-    last_eval: dict | None = None  # the last evaluation: step, epoch, eval_loss, every metric, eval_s
-    best_eval: dict | None = None  # the lowest eval_loss (a step evaluated again after a rollback: the newest)
+    # contract 1 (TEAM.md): the worker's eval records
+    last_eval: dict | None = None  # the last evaluation: step, epoch, eval_loss, metrics (every one), eval_s
+    best_eval: dict | None = None  # the lowest eval_loss, same keys (a step evaluated again: its newest value)
     evals: list[tuple[int, float]] = field(default_factory=list)   # (step, eval_loss), a step's newest last
     rate_start: tuple[float, int] | None = None   # (time, step) of the latest attempt's first log
     rate_end: tuple[float, int] | None = None
@@ -129,11 +130,15 @@ def apply_eval(s: ProgressState, rec: dict) -> None:
     redo = any(st == step for st, _ in s.evals)
     s.evals = [(st, v) for st, v in s.evals if st != step] + [(step, loss)]
     best = s.best_eval
-    if redo or best is None:
+    if math.isfinite(loss) and (best is None or loss < best["eval_loss"] or best["step"] == step):
+        s.best_eval = s.last_eval
+    if redo:   # the step's earlier value may have been the best: look again (only the curve is kept)
         finite = [(v, st) for st, v in s.evals if math.isfinite(v)]
-        s.best_eval = {"step": min(finite)[1], "eval_loss": min(finite)[0]} if finite else None
-    elif math.isfinite(loss) and loss < best["eval_loss"]:
-        s.best_eval = {"step": step, "eval_loss": loss}
+        if not finite:
+            s.best_eval = None
+        elif s.best_eval is None or s.best_eval["step"] != min(finite)[1]:
+            v, st = min(finite)
+            s.best_eval = {"step": st, "epoch": None, "eval_loss": v, "metrics": {"eval_loss": v}, "eval_s": None}
 
 
 def read_heartbeat(attempt_dir: Path) -> dict | None:

@@ -29,6 +29,7 @@ from ..store.ledger import RUNNING, FencedOut, Ledger
 from ..store.progress import ProgressFollower, read_heartbeat
 from . import checkpoints, disk
 from .classify import Outcome, classify, job_state_after
+from .notify import notify_end
 from .outcome import attempt_outcome, error_line
 from .policy import PastAttempt, decide
 from .watchdog import Watchdog
@@ -285,6 +286,7 @@ class Supervisor:
         if state is JobState.CANCELLED:
             requests.clear(self.plan.run_dir, requests.CANCEL)
         self.on_event(f"job {state.value}: {message}")
+        notify_end(self.plan, state, self.on_event)   # issue 19: launch.notify, in a process of its own
         return state
 
     def _wait(self, seconds: float) -> None:
