@@ -163,7 +163,10 @@ def test_the_jobs_table_has_eval_and_goodput_columns():
     header, row = text.splitlines()[:2]
     assert "eval" in header and "goodput" in header
     assert "1.2000" in row and f"{100 * g['fraction']:.0f}%" in row
-    assert "-" in text_of(jobs_table([_snap(None, ProgressState())]), 220).splitlines()[1]
+    bare = text_of(jobs_table([_snap(None, ProgressState())]), 220).splitlines()[0]   # nobody evaluates: no columns
+    assert "eval" not in bare and "goodput" not in bare and "tok/s" in bare
+    mixed = text_of(jobs_table([_snap(g), _snap(None, ProgressState())]), 220).splitlines()
+    assert "goodput" in mixed[0] and "eval" in mixed[0] and len(mixed) == 3   # one job has them: shown for all
 
 
 def test_loss_chart_draws_eval_points_on_the_training_scale():
