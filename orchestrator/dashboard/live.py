@@ -18,6 +18,7 @@ from rich.text import Text
 from ..store.ledger import Job, Ledger
 from ..store.paths import RunPaths
 from ..store.progress import ProgressFollower
+from .goodput_view import summary_line
 from .render import Snapshot, detail_frame, list_table, status_frame
 from .snapshots import SnapshotSource
 
@@ -174,6 +175,8 @@ def final_summary(snap) -> str:
         return "\n".join(lines)
     if job.final_model:
         lines.append(f"  model:       {job.final_model}  (AutoModelForCausalLM.from_pretrained loads it)")
+    if summary_line(snap.goodput):
+        lines.append(summary_line(snap.goodput))
     if job.state.value == "COMPLETED":
         lines.append(f"  next:        orchestrate status {job.id}   |   orchestrate report {job.id}   |   "
                      f"orchestrate export {job.id} --out DIR")

@@ -23,6 +23,7 @@ from ..store.ledger import Job
 from ..store.logs import FirstError
 from ..store.progress import ProgressState
 from .charts import bar, loss_chart, sparkline
+from .goodput_view import detail_rows, eval_cell, eval_json, goodput_cell, loss_curve, only_shown_columns
 from .rows import end_reason, shown_name, steps_gained_text, steps_kept
 from .table import Banner, Col, FastTable
 
@@ -54,6 +55,7 @@ class Snapshot:
     supervisor: SupervisorHealth | None = None                    # from the lease (read for unfinished jobs)
     heartbeat: Mapping[str, Any] | None = None                    # the latest attempt's heartbeat.json (phase)
     overrides: tuple[str, ...] = ()                               # plan.json: KEY=VALUE of the command line
+    goodput: Mapping[str, Any] | None = None                      # store/goodput.py Account.to_json()
 
 
 def supervisor_gone(s: Snapshot) -> bool:
@@ -145,7 +147,8 @@ def order_for_status(snaps: list[Snapshot]) -> list[Snapshot]:
 
 _JOB_COLS = [Col("job", 0), Col("name", 9), Col("backend", 8), Col("state", 0), Col("att", 3, right=True),
              Col("progress", 5), Col("step", 0, right=True), Col("loss", 2, right=True), Col("trend", 7),
-             Col("tok/s", 4, right=True), Col("ETA", 3, right=True), Col("checkpoint", 6),
+             Col("eval", 6, right=True), Col("goodput", 5, right=True), Col("tok/s", 4, right=True),
+             Col("ETA", 3, right=True), Col("checkpoint", 6),
              Col("elapsed", 4, right=True), Col("last event", 10, flex=True)]
 
 
@@ -196,14 +199,14 @@ def jobs_table(snaps: list[Snapshot], max_rows: int | None = None) -> FastTable:
             ((attempt_label(s), ""),), ((done, _BAR_STYLE[j.state]), (rest, "bright_black")),
             ((f"{_step(s)}/{total or '?'}", row_style),), ((_num(p.loss, ".4f"), ""),),
             ((sparkline([v for _, v in p.losses], 16), "bright_black" if ended else "cyan"),),
-            ((_num(p.tokens_per_s, ",.0f"), ""),),
+            ((eval_cell(p), "magenta"),), ((goodput_cell(s.goodput), ""),), ((_num(p.tokens_per_s, ",.0f"), ""),),
             ((fmt_duration(_eta(s)), ""),), ((ckpt, "green" if ckpt != "-" else ""),),
             ((fmt_duration(_elapsed(s)), ""),), _last_event(s),
         ])
     more = len(snaps) - len(shown)
     footer = f"… {more} more job(s) not shown: orchestrate list" if more else \
         None if snaps else "no jobs yet: orchestrate submit CONFIG"
-    return FastTable(_JOB_COLS, rows, footer=footer)
+    return FastTable(*only_shown_columns(_JOB_COLS, rows, shown), footer=footer)
 
 
 _LIST_COLS = [Col("job", 0), Col("name", 6), Col("backend", 5), Col("state", 0), Col("attempts", 3, right=True),
@@ -271,6 +274,8 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
                                        (sparkline([v for _, v in p.losses], 24), "cyan")))
     head.add_row("throughput", f"{_num(p.tokens_per_s, ',.0f')} tokens/s   ETA {fmt_duration(_eta(s))}   "
                                f"elapsed {fmt_duration(_elapsed(s))}")
+    for name, row in detail_rows(p, s.goodput):   # eval loss, goodput, step time (issues 16.2, 20)
+        head.add_row(name, row)
     mode = p.distributed_type or j.distributed_type or "-"
     if p.fsdp_version:
         mode += f" (FSDP{p.fsdp_version})"
@@ -296,11 +301,9 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
         head.add_row("notice", Text(notice, style="yellow"))
     parts: list = [head]
     chart = loss_chart(p.losses, width=max(10, chart_width), height=chart_height,
-                       marks=tuple(a.start_step for a in j.attempts[1:] if a.start_step is not None))
+                       marks=tuple(a.start_step for a in j.attempts[1:] if a.start_step is not None), overlay=p.evals)
     if len(p.losses) >= 2 and chart and chart_height >= 3:
-        parts.append(Text("\nloss" + ("   (┴ = an attempt resumed here)" if "┴" in chart[-2] else ""),
-                          style="bold"))
-        parts.append(Text("\n".join(chart), style="cyan", no_wrap=True, overflow="crop"))
+        parts += loss_curve(chart, bool(p.evals))
     if j.attempts:
         parts.append(Text(""))
         parts.append(_attempts_table(s))
@@ -354,7 +357,8 @@ def detail_frame(s: Snapshot, hint: str | None = None, width: int | None = None,
     if width is not None:
         chart_w = min(chart_w, width - 10)
     if height is not None:
-        rest = 15 + (2 if hint else 0) + 2 * len(s.errors) + (4 + len(s.job.attempts) if s.job.attempts else 0)
+        rest = 15 + (2 if hint else 0) + (2 if s.goodput else 0) + (1 if s.progress.last_eval else 0) \
+            + 2 * len(s.errors) + (4 + len(s.job.attempts) if s.job.attempts else 0)
         chart_h = min(chart_h, height - rest)
     detail = job_detail(s, chart_w, chart_h)
     return Group(Text(hint, style="bold yellow"), detail) if hint else detail
@@ -373,7 +377,7 @@ def snapshot_json(s: Snapshot, detail: bool = False) -> dict[str, Any]:
         distributed_type=p.distributed_type or j.distributed_type, fsdp_version=p.fsdp_version,
         world_size=p.world_size, log_dir=s.log_dir,
         supervisor=(s.supervisor or SupervisorHealth(alive=False)).to_json(),
-        notices=list(p.notices),
+        notices=list(p.notices), goodput=s.goodput, **eval_json(p),
         phase=(s.heartbeat or {}).get("phase") if not j.state.is_terminal else None,
         first_errors={str(n): {"rank": e.rank, "summary": e.summary, "step": e.step, "time": e.time,
                                "record": e.source} for n, e in s.errors.items()},
@@ -383,4 +387,5 @@ def snapshot_json(s: Snapshot, detail: bool = False) -> dict[str, Any]:
         a["steps_kept"], a["steps_lost"] = steps_kept(s, k)
     if detail:
         data["losses"] = [[step, _clean(v)] for step, v in p.losses]
+        data["evals"] = [[step, _clean(v)] for step, v in p.evals]
     return data
