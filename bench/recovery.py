@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import goodput_report
 import yaml
 
 from orchestrator.backends.processes import rank_pids
@@ -132,7 +133,7 @@ def run_fault(fault: str, tmp: Path, assets: Path, backoff: float | None, spare_
     row = {"fault": fault, "what": FAULTS[fault], "state": final["state"],
            "failures": [a["failure"] for a in final["attempts"]],
            "steps_redone": max(0, last_before - resumed_step), "resumed_from_step": resumed_step,
-           "last_step_before_fault": last_before}
+           "last_step_before_fault": last_before, "goodput": final.get("goodput")}
     row.update(breakdown(t_fault, final, recs))
     row["spare"] = (Path(run_dir) / "attempts" / "2" / "spare.json").is_file()
     return row
@@ -188,6 +189,7 @@ def main() -> int:
         print(f"| ({r['fault']}) {r['what']} | {' -> '.join(r['failures'])} | {r['recovery_s']} s | {phases} | "
               f"{r['steps_redone']} (of {r['last_step_before_fault']}) | step {r['resumed_from_step']} | "
               f"{'yes' if r.get('spare') else 'no'} | {', '.join(str(x) for x in r['runs'])} |")
+    print("\n" + goodput_report.fault_table(rows))   # issue 20: each fault's goodput and lost progress
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

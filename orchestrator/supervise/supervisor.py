@@ -23,11 +23,13 @@ from ..backends.base import AttemptHandle, Backend
 from ..plan import LaunchPlan
 from ..states import Failure, JobState
 from ..store import requests
+from ..store.goodput_read import keep_final_goodput
 from ..store.lease import Lease, LeaseLost
 from ..store.ledger import RUNNING, FencedOut, Ledger
 from ..store.progress import ProgressFollower, read_heartbeat
 from . import checkpoints, disk
 from .classify import Outcome, classify, job_state_after
+from .notify import notify_end
 from .outcome import attempt_outcome, error_line
 from .policy import PastAttempt, decide
 from .watchdog import Watchdog
@@ -124,7 +126,7 @@ class Supervisor:
         try:
             return self._run(adopt, fresh_budget)
         except (LeaseLost, FencedOut) as exc:
-            self._discard_spares()
+            getattr(self.backend, "discard_spares", lambda job_id: None)(self.plan.job_id)   # backends/spare.py
             self.on_event(f"this supervisor no longer holds the job ({exc}); leaving it alone")
             return None
         except (OSError, sqlite3.OperationalError) as exc:
@@ -279,18 +281,15 @@ class Supervisor:
                                if failure_state.value in Failure.__members__ else Failure.CANCELLED.value,
                                gained_checkpoint=0)
 
-    def _discard_spares(self) -> None:
-        """A backend's next attempt started ahead (local: ``backends/spare.py``) will not be used."""
-        discard = getattr(self.backend, "discard_spares", None)
-        if discard is not None:
-            discard(self.plan.job_id)
-
     def _finish(self, state: JobState, message: str) -> JobState:
-        self._discard_spares()   # before the final state: whoever sees it finds no process of the job left
+        # A next attempt started ahead (backends/spare.py) goes first: whoever sees the final state finds no process.
+        getattr(self.backend, "discard_spares", lambda job_id: None)(self.plan.job_id)
         self.write_job(state=state, message=message, supervisor_pid=None)
+        keep_final_goodput(self.ledger, self.plan.job_id)   # issue 20: the final account, for every view
         if state is JobState.CANCELLED:
             requests.clear(self.plan.run_dir, requests.CANCEL)
         self.on_event(f"job {state.value}: {message}")
+        notify_end(self.plan, state, self.on_event)   # issue 19: launch.notify, in a process of its own
         return state
 
     def _wait(self, seconds: float) -> None:
@@ -377,9 +376,8 @@ class Supervisor:
         rc = self.backend.poll(handle) if rc is None else rc
         if not (stalled or cancelled):
             # Ranks outlive a dead torchrun agent (they run in sessions of their own) and
-            # would keep writing checkpoints beside the next attempt: end whatever is left. An agent
-            # killed by a signal left orphans whose graceful stop could not finish a save in any
-            # grace worth waiting for: they are killed at once (issue 18.3).
+            # would keep writing checkpoints beside the next attempt: end whatever is left (at once when
+            # the agent was killed: their graceful stop could not finish a save in any grace worth waiting).
             self.kill(handle, grace_s=0.0 if rc is not None and rc < 0 else 3.0)
         follower.poll()
         self._record_progress(follower)
