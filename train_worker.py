@@ -149,7 +149,7 @@ def save_final_model(trainer, wenv) -> str | None:
     """Full weights in ``output_dir`` (collective under FSDP: every rank calls it), then rank 0's record of
     what it saved (a digest of every tensor, the trained logits) for the orchestrator's check of the folder
     (orchestrator/worker/final_record.py, orchestrator/supervise/final_model.py)."""
-    from orchestrator.worker.final_record import capture_saved_state, final_record, fingerprint
+    from orchestrator.worker.final_record import capture_saved_state, final_record, trained_logits
 
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
@@ -158,7 +158,7 @@ def save_final_model(trainer, wenv) -> str | None:
     barrier()
     out = Path(trainer.args.output_dir)
     folder = str(out.absolute()) if any(out.glob("*.safetensors")) else None
-    logits = fingerprint(trainer.model)   # a collective under FSDP
+    logits = trained_logits(trainer)   # a collective under FSDP
     if env_rank() == 0:
         channel.write_json_atomic(wenv.attempt_dir / channel.FINAL_RECORD_FILE,
                                   final_record(trainer, saved, folder, logits))

@@ -60,6 +60,13 @@ def fingerprint(model) -> dict:
             "device": device.type, "logits": logits.float().cpu().flatten().tolist()}
 
 
+def trained_logits(trainer) -> dict:
+    """:func:`fingerprint` of the trained model as it computes without accelerate's autocast wrapper, so that
+    the check can compute the same way: FSDP2's mixed precision still computes in its ``param_dtype`` (the
+    logits come out in it), a model without it in its weights' dtype. Every rank calls it (FSDP)."""
+    return fingerprint(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False))
+
+
 def saved_dtypes(folder: Path) -> dict[str, str]:
     """``{file key: dtype}`` from the headers of the safetensors files in ``folder``."""
     out = {}
