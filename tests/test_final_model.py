@@ -85,6 +85,15 @@ def test_tied_embeddings_gemma_lm_head_comes_from_the_input_embeddings(tmp_path)
     result = check_folder(folder, record)
     assert result["verdict"] == MISMATCH
     assert "lm_head.weight (tied to model.embed_tokens.weight): its bytes differ" in result["reason"]
+    # Stored anyway (FSDP2 gathers the pair as two tensors), but drifted: from_pretrained ties it, so it is lost.
+    state = dict(model.state_dict())
+    state["lm_head.weight"] = state["lm_head.weight"].clone() + 1
+    folder = tmp_path / "untied"
+    model.save_pretrained(folder, state_dict=dict(state))            # it pops what it writes
+    tokenizer().save_pretrained(folder)
+    assert "lm_head.weight" in digests.read_header(folder / "model.safetensors")[1]
+    result = check_folder(folder, build_record(model, state, folder))
+    assert result["verdict"] == MISMATCH and "lm_head.weight (tied to model.embed_tokens.weight)" in result["reason"]
 
 
 def test_a_sharded_folder_is_read_through_its_index_and_a_lost_shard_is_named(tmp_path):

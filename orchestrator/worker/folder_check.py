@@ -169,8 +169,8 @@ def loaded_tensors(model, files: dict) -> dict:
     unexpected = sorted(set(loaded) - expected)
     if unexpected:
         raise Mismatch(f"the folder holds tensors its model does not load: {', '.join(unexpected[:5])}")
-    for target, source in tied_keys(model).items():
-        if target not in loaded and source in loaded:
+    for target, source in tied_keys(model).items():   # from_pretrained ties them: a stored target is dropped
+        if source in loaded:
             loaded[target] = {**loaded[source], "tied_to": source}
     params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     absent = sorted(k for k in params if k not in loaded)
