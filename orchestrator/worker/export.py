@@ -77,7 +77,14 @@ def export(checkpoint: str | Path, base: str | Path, out: str | Path, logits_bud
 
 
 def peak_rss_mb() -> float | None:
-    """This process's peak resident memory so far, in MiB."""
+    """This process's own peak resident memory so far, in MiB. On Linux from ``VmHWM``: ``ru_maxrss``
+    also counts the parent's peak, which a child started by fork + exec inherits."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import digests
@@ -60,9 +61,17 @@ def _check(folder: Path, record: dict, out: dict, logits_budget: int) -> None:
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise Mismatch(f"{folder}: {', '.join(missing)} listed in {digests.INDEX_FILE} but missing")
-    config, tokenizer = _load_config_and_tokenizer(folder)
-    model = _meta_model(folder, config, tokenizer)
-    files = digests.file_digests(paths, record.get("algorithm") or digests.algorithm())
+    # The disk streams while the config, tokenizer and model class load (imports, mostly): the two overlap.
+    pool = ThreadPoolExecutor(1)
+    streaming = pool.submit(_timed, digests.file_digests, paths, record.get("algorithm") or digests.algorithm())
+    try:
+        began = time.monotonic()
+        config, tokenizer = _load_config_and_tokenizer(folder)
+        model = _meta_model(folder, config, tokenizer)
+        out["load_s"] = round(time.monotonic() - began, 3)
+        files, out["stream_s"] = streaming.result()
+    finally:
+        pool.shutdown(wait=True)
     if weight_map is not None and set(weight_map) != set(files):
         raise Mismatch(f"{digests.INDEX_FILE} in {folder} lists {len(weight_map)} tensors, the files hold {len(files)}")
     loaded = loaded_tensors(model, files)
@@ -73,6 +82,11 @@ def _check(folder: Path, record: dict, out: dict, logits_budget: int) -> None:
         _compare_best(record, out)
     if record.get("logits"):
         _logits(folder, record["logits"], out, logits_budget, sum(math.prod(e["shape"]) for e in files.values()))
+
+
+def _timed(fn, *args):
+    began = time.monotonic()
+    return fn(*args), round(time.monotonic() - began, 3)
 
 
 def _load_config_and_tokenizer(folder: Path):
