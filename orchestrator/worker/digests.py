@@ -115,7 +115,7 @@ def read_header(path: Path) -> tuple[int, dict]:
     after ``safe_open`` accepted it (it checks the offsets against the file's size)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="numpy") as f:    # only the header is read: no torch needed
         names = set(f.keys())
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))

@@ -48,16 +48,18 @@ def capture_saved_state(trainer):
 
 
 def fingerprint(model) -> dict:
-    """The logits of ``model`` on the fixed input, with the dtype they were computed in and the device kind
-    (a collective under FSDP: every rank calls it)."""
+    """The logits of ``model`` on the fixed input, with the dtype they were computed in, the device kind and
+    the attention implementation (a collective under FSDP: every rank calls it)."""
     import torch
 
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=torch.tensor(FIXED_INPUT, device=device)).logits
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     return {"input_ids": FIXED_INPUT, "shape": list(logits.shape), "dtype": digests.dtype_name(logits.dtype),
-            "device": device.type, "logits": logits.float().cpu().flatten().tolist()}
+            "device": device.type, "attn_implementation": attn if isinstance(attn, str) else None,
+            "logits": logits.float().cpu().flatten().tolist()}
 
 
 def trained_logits(trainer) -> dict:
