@@ -168,7 +168,8 @@ def final_summary(snap) -> str:
     lines = [f"{job.id}: {job.state.value} at step {job.step}/{job.max_steps or '?'}"
              + (f", final loss {p.loss:.4f}" if isinstance(p.loss, (int, float)) else "")]
     if job.final_model:
-        lines.append(f"  model:       {job.final_model}  (verified: every tensor equals the trained weights)")
+        lines.append(f"  model:       {job.final_model}  (verified: config and tokenizer load, every tensor equals "
+                     "the trained one)")
     if job.message and (job.state.value != "COMPLETED" or job.message.startswith("COMPLETED, ")):
         lines.append(f"  why:         {job.message}")
     lines.append("  next:        " + "   |   ".join(next_steps(job)))
