@@ -20,7 +20,7 @@ def job(state: JobState, failures=(), message: str | None = None, final_model: s
 
 
 def summary(j: Job) -> str:
-    return final_summary(SimpleNamespace(job=j, progress=SimpleNamespace(loss=0.5)))
+    return final_summary(SimpleNamespace(job=j, progress=SimpleNamespace(loss=0.5), goodput=None))
 
 
 @pytest.mark.parametrize("failures,message", [

@@ -18,6 +18,7 @@ from rich.text import Text
 from ..store.ledger import Job, Ledger
 from ..store.paths import RunPaths
 from ..store.progress import ProgressFollower
+from .goodput_view import summary_line
 from .render import Snapshot, detail_frame, list_table, status_frame
 from .snapshots import SnapshotSource
 
@@ -165,13 +166,20 @@ class LiveView:
 def final_summary(snap) -> str:
     """What a user wants when a job ends: where it got, its loss, its model, and what to run next."""
     job, p = snap.job, snap.progress
+    ended = job.state.is_terminal
     lines = [f"{job.id}: {job.state.value} at step {job.step}/{job.max_steps or '?'}"
-             + (f", final loss {p.loss:.4f}" if isinstance(p.loss, (int, float)) else "")]
+             + (f", {'final ' if ended else ''}loss {p.loss:.4f}" if isinstance(p.loss, (int, float)) else "")]
+    if not ended:   # issue 19: handed to a background supervisor (the terminal closed): it goes on
+        lines.append(f"  still running, supervised in the background: orchestrate status {job.id}   |   "
+                     f"orchestrate logs {job.id} -f")
+        return "\n".join(lines)
     if job.final_model:
         lines.append(f"  model:       {job.final_model}  (verified: config and tokenizer load, every tensor equals "
                      "the trained one)")
     if job.message and (job.state.value != "COMPLETED" or job.message.startswith("COMPLETED, ")):
         lines.append(f"  why:         {job.message}")
+    if summary_line(snap.goodput):
+        lines.append(summary_line(snap.goodput))
     lines.append("  next:        " + "   |   ".join(next_steps(job)))
     return "\n".join(lines)
 
