@@ -127,13 +127,14 @@ def read_header(path: Path) -> tuple[int, dict]:
 
 
 def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The folder's safetensors files and, when sharded, the index's ``{tensor: file}`` map."""
+    """The safetensors files ``from_pretrained`` reads, in its order of preference (``model.safetensors``,
+    else the index), and, when sharded, the index's ``{tensor: file}`` map."""
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE], None
     index = folder / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map") or {}
         return [folder / f for f in sorted(set(weight_map.values()))], weight_map
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE], None
     return sorted(folder.glob("*.safetensors")), None
 
 

@@ -66,7 +66,11 @@ def trained_logits(trainer) -> dict:
     """:func:`fingerprint` of the trained model as it computes without accelerate's autocast wrapper, so that
     the check can compute the same way: FSDP2's mixed precision still computes in its ``param_dtype`` (the
     logits come out in it), a model without it in its weights' dtype. Every rank calls it (FSDP)."""
-    return fingerprint(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False))
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    except Exception:  # noqa: BLE001 - an accelerate without it: the model as it is (every rank alike)
+        model = trainer.model
+    return fingerprint(model)
 
 
 def saved_dtypes(folder: Path) -> dict[str, str]:
