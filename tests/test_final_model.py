@@ -101,6 +101,9 @@ def test_a_sharded_folder_is_read_through_its_index_and_a_lost_shard_is_named(tm
     shards = sorted(folder.glob("model-*.safetensors"))
     assert len(shards) > 2 and (folder / digests.INDEX_FILE).is_file()
     assert check_folder(folder, record)["verdict"] == VERIFIED
+    shards[0].write_bytes(shards[0].read_bytes()[:-10])                      # cut short: a broken folder
+    result = check_folder(folder, record)
+    assert result["verdict"] == MISMATCH and "not a readable safetensors file" in result["reason"]
     shards[1].unlink()
     result = check_folder(folder, record)
     assert result["verdict"] == MISMATCH and shards[1].name in result["reason"] and "missing" in result["reason"]
@@ -220,7 +223,7 @@ def test_file_digests_stream_in_chunks_equal_to_in_memory_ones(tmp_path, monkeyp
         assert {k: (v["dtype"], v["shape"], v["digest"]) for k, v in on_disk.items()} == {
             k: (v["dtype"], v["shape"], v["digest"]) for k, v in in_memory.items()}
     (tmp_path / "x.safetensors").write_bytes((tmp_path / "x.safetensors").read_bytes()[:-4])
-    with pytest.raises(Exception):                   # a truncated file: safe_open refuses it
+    with pytest.raises(digests.Unreadable, match="not a readable safetensors file"):   # safe_open refuses it
         digests.file_digests([tmp_path / "x.safetensors"], "sha256")
 
 

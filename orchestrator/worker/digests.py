@@ -37,6 +37,10 @@ class NotComparable(Exception):
     """The digests cannot be taken (a format this module does not read): the check cannot run."""
 
 
+class Unreadable(Exception):
+    """A weights file is broken (bad header, truncated, a tensor stored twice): what loads it fails too."""
+
+
 def algorithm() -> str:
     """The hash the worker records: xxh3-128 (fast, installed with ``datasets``), else sha256."""
     try:
@@ -115,14 +119,17 @@ def read_header(path: Path) -> tuple[int, dict]:
     after ``safe_open`` accepted it (it checks the offsets against the file's size)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as f:    # only the header is read: no torch needed
-        names = set(f.keys())
+    try:
+        with safe_open(str(path), framework="numpy") as f:    # only the header is read: no torch needed
+            names = set(f.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types vary by version
+        raise Unreadable(f"{path} is not a readable safetensors file: {exc}") from exc
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     if set(header) != names:
-        raise NotComparable(f"{path}: the header lists {len(header)} tensors, safetensors reads {len(names)}")
+        raise Unreadable(f"{path}: the header lists {len(header)} tensors, safetensors reads {len(names)}")
     return 8 + n, header
 
 
@@ -147,7 +154,7 @@ def _stream(path: Path, start: int, length: int, algo: str, buffer: bytearray) -
         while left:
             n = f.readinto(view[:min(left, len(buffer))])
             if not n:
-                raise NotComparable(f"{path}: ends {left} bytes early")
+                raise Unreadable(f"{path}: ends {left} bytes early")
             h.update(view[:n])
             left -= n
     return h.hexdigest()
@@ -157,15 +164,15 @@ def file_digests(paths: list[Path], algo: str, threads: int = THREADS) -> dict:
     """``{name: {"dtype", "shape", "digest", "file"}}`` of every tensor in ``paths``, streamed.
 
     The tensors are read in file order, cut into ``threads`` contiguous runs read side by side (one
-    sequential stream each). Peak memory: ``threads`` buffers of ``CHUNK`` bytes. A name found in two
-    files raises NotComparable.
+    sequential stream each). Peak memory: ``threads`` buffers of ``CHUNK`` bytes. A broken file (or a
+    name found in two files) raises Unreadable.
     """
     tasks, out = [], {}
     for path in paths:
         data_start, header = read_header(path)
         for name, info in header.items():
             if name in out:
-                raise NotComparable(f"{name} is stored twice ({out[name]['file']} and {path.name})")
+                raise Unreadable(f"{name} is stored twice ({out[name]['file']} and {path.name})")
             begin, end = info["data_offsets"]
             out[name] = {"dtype": ST_DTYPES.get(info["dtype"], info["dtype"]), "shape": list(info["shape"]),
                          "file": path.name}

@@ -44,7 +44,7 @@ def check_folder(folder: str | Path, record: dict | None, logits_budget: int = L
             raise digests.NotComparable((record or {}).get("error") or
                                         "the worker recorded no digests of the weights it saved")
         _check(folder, record, out, logits_budget)
-    except Mismatch as exc:
+    except (Mismatch, digests.Unreadable) as exc:
         out.update(verdict=MISMATCH, reason=str(exc))
     except digests.NotComparable as exc:
         out.update(verdict=UNVERIFIED, reason=str(exc))
@@ -230,12 +230,15 @@ def _compare_best(record: dict, out: dict) -> None:
                                     "was never evaluated at a save?)")
     path = Path(where)
     algo = record.get("algorithm") or digests.algorithm()
-    if (path / digests.SINGLE_FILE).is_file() or (path / digests.INDEX_FILE).is_file():
-        theirs = digests.file_digests(digests.weight_files(path)[0], algo)
-    elif (path / "pytorch_model_fsdp_0").is_dir():
-        theirs = digests.dcp_digests(path / "pytorch_model_fsdp_0", algo)
-    else:
-        raise digests.NotComparable(f"the best checkpoint {path} holds no model weights this check reads")
+    try:
+        if (path / digests.SINGLE_FILE).is_file() or (path / digests.INDEX_FILE).is_file():
+            theirs = digests.file_digests(digests.weight_files(path)[0], algo)
+        elif (path / "pytorch_model_fsdp_0").is_dir():
+            theirs = digests.dcp_digests(path / "pytorch_model_fsdp_0", algo)
+        else:
+            raise digests.NotComparable(f"the best checkpoint {path} holds no model weights this check reads")
+    except (digests.Unreadable, OSError) as exc:
+        raise digests.NotComparable(f"the best checkpoint {path} cannot be read: {exc}") from exc
     try:
         _compare(theirs, record["tensors"], what=f"the best checkpoint ({path.name})")
     except Mismatch as exc:
