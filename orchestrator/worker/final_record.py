@@ -1,14 +1,15 @@
 """What the worker records about the final model it saves: ``attempts/<n>/final_model.json`` (rank 0).
 
 ``{"format": 1, "folder": ..., "algorithm": "xxh3_128", "tensors": {key: {"dtype", "shape", "digest"}},
-"logits": {"input_ids", "shape", "dtype", "device", "logits"}, "best": {...}?, "digest_s": ...}``
+"logits": {"input_ids", "shape", "dtype", "device", "attn_implementation", "logits"}, "best": {...}?,
+"digest_s": ...}``
 (or ``{"error": why}`` when no digest could be taken).
 
 ``tensors`` holds a digest of every tensor of the state ``save_model()`` wrote (under FSDP: the full
 state dict it gathered; :func:`capture_saved_state`), keyed as in the model, in the dtype each was
 saved in (read back from the written headers; a tensor saved in another dtype than it was trained
 in is cast first, as the save did). ``logits``: the trained model's logits on a fixed input, with the
-dtype it computed them in and the kind of device. ``best``: with ``load_best_model_at_end``, the
+dtype it computed them in, the kind of device and the attention implementation. ``best``: with ``load_best_model_at_end``, the
 checkpoint the trainer says is best. :mod:`.folder_check` compares the saved folder with all this.
 """
 from __future__ import annotations
@@ -86,6 +87,8 @@ def build_record(model, state: dict, folder: str | Path, logits: dict | None = N
     """The record of ``state`` (what was saved from ``model`` into ``folder``)."""
     import torch
 
+    if not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise digests.NotComparable("the state save_model() wrote holds no tensor on this rank")
     if any(type(v).__name__ == "DTensor" for v in state.values()):
         raise digests.NotComparable("the saved state holds sharded tensors (DTensor), not the gathered weights")
     files = saved_dtypes(Path(folder))
