@@ -128,24 +128,25 @@ def load_model(model_id: str, training_args, dtype: str | None = None, attn_impl
     return AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
 
 
-def save_final_model(trainer) -> str | None:
-    """Full weights in ``output_dir`` (collective under FSDP: every rank calls it)."""
+def save_final_model(trainer, wenv) -> str | None:
+    """Full weights in ``output_dir`` (collective under FSDP: every rank calls it), then rank 0's record of
+    what it saved (a digest of every tensor, the trained logits) for the orchestrator's check of the folder
+    (orchestrator/worker/final_record.py, orchestrator/supervise/final_model.py)."""
+    from orchestrator.worker.final_record import capture_saved_state, final_record, trained_logits
+
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model()
+    with capture_saved_state(trainer) as saved:
+        trainer.save_model()
     barrier()
     out = Path(trainer.args.output_dir)
-    return str(out.absolute()) if any(out.glob("*.safetensors")) else None
-
-
-def record_final_logits(trainer, wenv) -> None:
-    """The trained weights' logits on a fixed input (every rank: a collective under FSDP); rank 0 writes
-    them for the orchestrator's check of the saved final model (orchestrator/supervise/final_model.py)."""
-    from orchestrator.worker.export import fingerprint
-
-    record = fingerprint(trainer.model)
+    folder = str(out.absolute()) if any(out.glob("*.safetensors")) else None
+    logits = trained_logits(trainer)   # a collective under FSDP
     if env_rank() == 0:
-        channel.write_json_atomic(wenv.attempt_dir / channel.FINAL_LOGITS_FILE, record)
+        channel.write_json_atomic(wenv.attempt_dir / channel.FINAL_RECORD_FILE,
+                                  final_record(trainer, saved, folder, logits))
+    saved.clear()   # the gathered state: gone before the exit barrier
+    return folder
 
 
 def run(argv: list[str], att: WorkerRun) -> int:
@@ -196,8 +197,7 @@ def run(argv: list[str], att: WorkerRun) -> int:
     if cb.stopped and trainer.state.global_step < trainer.state.max_steps:
         att.write_status(channel.WORKER_STOPPED, signal=STOP.signal or "another rank")
         return channel.EXIT_STOPPED
-    final_model = save_final_model(trainer)
-    record_final_logits(trainer, wenv)
+    final_model = save_final_model(trainer, wenv)
     att.write_status(channel.WORKER_COMPLETED, final_model=final_model)
     return 0
 

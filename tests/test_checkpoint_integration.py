@@ -95,6 +95,12 @@ def _logits(folder):
         return model(input_ids=torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])).logits
 
 
+def _digests(folder):
+    from orchestrator.worker import digests
+
+    return digests.file_digests(digests.weight_files(Path(folder))[0], "sha256")
+
+
 def test_a_completed_job_has_a_verified_final_model_and_export_writes_one_from_a_sharded_checkpoint(
         tmp_path, demo_assets):
     import torch
@@ -112,6 +118,7 @@ def test_a_completed_job_has_a_verified_final_model_and_export_writes_one_from_a
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "pytorch_model_fsdp_0").exists() is False and (out / "model.safetensors").is_file()
     assert torch.allclose(_logits(out), _logits(final), atol=1e-5)      # checkpoint-8 (sharded) = the final weights
+    assert {k: v["digest"] for k, v in _digests(out).items()} == {k: v["digest"] for k, v in _digests(final).items()}
     r = orch(home, "export", job_id, "--step", "4", "--out", str(out), timeout=300)
     assert r.returncode == 2 and "nothing was overwritten" in r.stderr
     r = orch(home, "export", job_id, "--step", "4", "--out", str(tmp_path / "step4"), timeout=300)

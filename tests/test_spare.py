@@ -31,7 +31,8 @@ if os.environ.get("ORCHESTRATE_SPARE"):
     env = json.loads((adir / "go.json").read_text())["env"]
     (adir / "handed.json").write_text(json.dumps({"pid": os.getpid(), **env}))
     sys.exit(0)
-(adir / "heartbeat.json").write_text(json.dumps({"phase": "training", "time": time.time()}))
+(adir / "hb.tmp").write_text(json.dumps({"phase": "training", "time": time.time()}))
+os.replace(adir / "hb.tmp", adir / "heartbeat.json")
 time.sleep(120)
 """
 
@@ -58,6 +59,11 @@ def backend(monkeypatch):
         proc.kill()
 
 
+def _spare_started(backend, handle) -> None:
+    """Poll the attempt as the supervisor does until its spare is started."""
+    _wait(lambda: backend.poll(handle) is None and handle.job_id in backend._spares)
+
+
 def _wait(pred, timeout=30):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -70,8 +76,7 @@ def _wait(pred, timeout=30):
 def test_the_next_attempt_waits_as_a_spare_and_is_handed_its_resume_point(tmp_path, backend):
     plan = _plan(tmp_path)
     first = backend.start(plan, 1, None)
-    _wait(lambda: (Path(first.attempt_dir) / "heartbeat.json").is_file())
-    assert backend.poll(first) is None                     # training: the spare for attempt 2 starts
+    _spare_started(backend, first)                         # training: the spare for attempt 2 starts
     spare_pid = backend._spares[plan.job_id].proc.pid
     assert {p.pid for p in job_processes(plan.job_id, attempt=2)} >= {spare_pid}   # tagged as attempt 2
     backend.kill(first, grace_s=2)
@@ -88,8 +93,7 @@ def test_the_next_attempt_waits_as_a_spare_and_is_handed_its_resume_point(tmp_pa
 def test_a_spare_started_for_another_environment_is_discarded_and_the_attempt_starts_cold(tmp_path, backend):
     plan = _plan(tmp_path)
     first = backend.start(plan, 1, None)
-    _wait(lambda: (Path(first.attempt_dir) / "heartbeat.json").is_file())
-    backend.poll(first)
+    _spare_started(backend, first)
     old = backend._spares[plan.job_id].proc
     backend.kill(first, grace_s=2)
     second = backend.start(_plan(tmp_path, flavour="b"), 2, None)
@@ -100,8 +104,7 @@ def test_a_spare_started_for_another_environment_is_discarded_and_the_attempt_st
 def test_a_job_that_ends_leaves_no_spare_and_a_dead_owners_spare_folder_is_moved_aside(tmp_path, backend):
     plan = _plan(tmp_path)
     first = backend.start(plan, 1, None)
-    _wait(lambda: (Path(first.attempt_dir) / "heartbeat.json").is_file())
-    backend.poll(first)
+    _spare_started(backend, first)
     backend.discard_spares(plan.job_id)
     assert job_processes(plan.job_id, attempt=2) == [] and not plan.paths.attempt_dir(2).exists()
     # What a supervisor that died leaves: a spare's folder, never handed over.

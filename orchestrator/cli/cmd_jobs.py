@@ -247,6 +247,9 @@ def export(args) -> int:
     ledger = open_ledger()
     job = resolve_job(ledger, args.job)
     result = export_checkpoint(job, load_plan(job), args.step, args.out)
-    print(f"{job.id}: checkpoint-{result['step']} -> {result['folder']} (loads with from_pretrained; logits "
-          f"match the checkpoint's, largest difference {result['max_abs_diff']:.1e})")
+    if result["verdict"] != "verified":
+        print(f"warning: {result['folder']} written, but not verified: {result['reason']}", file=sys.stderr)
+    print(f"{job.id}: checkpoint-{result['step']} -> {result['folder']}" + (
+        f" (verified, {result['method']}: config and tokenizer load, every tensor equals the checkpoint's)"
+        if result["verdict"] == "verified" else ""))
     return EXIT_OK

@@ -174,13 +174,35 @@ def final_summary(snap) -> str:
                      f"orchestrate logs {job.id} -f")
         return "\n".join(lines)
     if job.final_model:
-        lines.append(f"  model:       {job.final_model}  (AutoModelForCausalLM.from_pretrained loads it)")
+        lines.append(f"  model:       {job.final_model}  (verified: config and tokenizer load, every tensor equals "
+                     "the trained one)")
+    if job.message and (job.state.value != "COMPLETED" or job.message.startswith("COMPLETED, ")):
+        lines.append(f"  why:         {job.message}")
     if summary_line(snap.goodput):
         lines.append(summary_line(snap.goodput))
-    if job.state.value == "COMPLETED":
-        lines.append(f"  next:        orchestrate status {job.id}   |   orchestrate report {job.id}   |   "
-                     f"orchestrate export {job.id} --out DIR")
-    else:
-        lines.append(f"  next:        orchestrate status {job.id}   |   orchestrate logs {job.id} --errors   |   "
-                     f"orchestrate resume {job.id}")
+    lines.append("  next:        " + "   |   ".join(next_steps(job)))
     return "\n".join(lines)
+
+
+# Failures that a rerun of the same frozen plan repeats: the config must change (resume would not apply it).
+_EDIT = {"USER_ERROR": "the config, data or model", "OOM": "the batch size, max_length or memory settings"}
+
+
+def next_steps(job) -> list[str]:
+    """The commands that fit how ``job`` ended; ``resume`` only where a rerun can get further."""
+    status, state = f"orchestrate status {job.id}", job.state.value
+    if state == "COMPLETED":
+        return [status, f"orchestrate report {job.id}", f"orchestrate export {job.id} --out DIR"]
+    if state == "CANCELLED":
+        return [status, f"orchestrate resume {job.id}  (goes on from the last complete checkpoint)"]
+    if not job.state.is_terminal:
+        return [status, f"orchestrate logs {job.id} -f"]
+    last = job.attempts[-1].failure if job.attempts else None
+    edit = f"edit {job.config_path} and submit again: orchestrate submit {job.config_path}"
+    if last == "COMPLETED":        # it trained to the end, the final-model check failed: a rerun saves the same
+        return [status, edit]
+    if last in _EDIT:
+        return [f"orchestrate logs {job.id} --errors", f"{edit}  ({_EDIT[last]}; resume would repeat it)"]
+    if last == "DISK_FULL":
+        return [status, f"free space, then: orchestrate resume {job.id}"]
+    return [status, f"orchestrate logs {job.id} --errors", f"orchestrate resume {job.id}"]

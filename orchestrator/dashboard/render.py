@@ -282,7 +282,8 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
     head.add_row("distributed", f"{mode}, world size {p.world_size or '-'}")
     head.add_row("checkpoint", p.last_checkpoint or "-")
     if j.final_model:
-        head.add_row("final model", f"{j.final_model}  (verified: loads, logits match the trained weights)")
+        head.add_row("final model", f"{j.final_model}  (verified: config and tokenizer load, every tensor equals the "
+                                    "trained one)")
     if p.last_save:
         head.add_row("last save", save_text(p.last_save, p.failed_saves))
     if phase_text(s):

@@ -20,7 +20,8 @@ NO_FIRST_BACKOFF = frozenset({Failure.KILLED, Failure.WORKER_LOST, Failure.PREEM
 
 OOM_ADVICE = ("out of memory: retrying unchanged would fail the same way. Lower per_device_train_batch_size "
               "(raise gradient_accumulation_steps to keep the batch), lower max_length, or turn on "
-              "fsdp_config.activation_checkpointing / fsdp_config.cpu_offload, then resume")
+              "fsdp_config.activation_checkpointing / fsdp_config.cpu_offload, then submit the edited config again "
+              "(resume reruns the job's plan as it was)")
 
 
 @dataclass(frozen=True)

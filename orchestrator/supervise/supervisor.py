@@ -182,7 +182,7 @@ class Supervisor:
             outcome, end_step = self._follow(handle, attempt)
             self._current = None
             failure = classify(outcome)
-            final_problem = self._check_final_model(handle) if failure is Failure.COMPLETED else None
+            final_problem, final_note = self._check_final_model(handle) if failure is Failure.COMPLETED else (None, None)
             gained = checkpoints.progress_mark(self.plan) > mark   # a later stage of a script counts too
             history.append(PastAttempt(failure, gained))
             decision = decide(failure, history, self.plan.retry)
@@ -199,7 +199,7 @@ class Supervisor:
             if final_problem:
                 return self._finish(JobState.FAILED, f"training completed, but {final_problem}")
             if state.is_terminal:
-                message = decision.reason if state is not JobState.COMPLETED else "completed"
+                message = decision.reason if state is not JobState.COMPLETED else (final_note or "completed")
                 if state is JobState.CANCELLED:
                     message = self.cancel_reason
                 elif failure is Failure.DISK_FULL:
@@ -252,16 +252,18 @@ class Supervisor:
         self.on_event(done)
         return True
 
-    def _check_final_model(self, handle: AttemptHandle) -> str | None:
-        """The final model loads and reproduces the trained logits (else the problem); recorded in the ledger."""
+    def _check_final_model(self, handle: AttemptHandle) -> tuple[str | None, str | None]:
+        """``(why the job fails, the COMPLETED message)`` from the final-model check (:mod:`.final_model`)."""
         from .final_model import verify_final_model
 
-        folder, problem = verify_final_model(self.plan.slurm.get("python") or self.plan.python, handle.attempt_dir,
-                                             env=dict(self.plan.env))
-        if folder and not problem:
-            self.write_job(final_model=folder)
-            self._event(f"final model verified: {folder}")
-        return problem
+        check = verify_final_model(self.plan.slurm.get("python") or self.plan.python, handle.attempt_dir,
+                                   env=dict(self.plan.env))
+        if check is None:
+            return None, None
+        if check.verified:
+            self.write_job(final_model=check.folder)
+        self._event(check.event)
+        return check.failure, check.completed
 
     def _resize(self, nnodes: int) -> None:
         """Go on with ``nnodes`` nodes: the same global batch, more gradient accumulation (issue 12)."""

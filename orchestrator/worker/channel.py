@@ -36,8 +36,12 @@ HEARTBEAT_S = 2.0
 PHASES = ("setup", "loading", "training", "saving", "evaluating")
 PROGRESS_FILE = "progress.jsonl"
 STATUS_FILE = "status.json"
-# The trained weights' logits on a fixed input (rank 0, at the end): what the saved final model must reproduce.
-FINAL_LOGITS_FILE = "final_logits.json"
+# Rank 0's record of the final model it saved (digests of every tensor, the trained logits; see
+# worker/final_record.py), and the orchestrator's verdict on that folder (supervise/final_model.py):
+# {"verified": bool, "reason": str|null, "folder": str|null, "started": s, "ended": s, "method": str,
+#  "peak_rss_mb": float|null}.
+FINAL_RECORD_FILE = "final_model.json"
+FINAL_CHECK_FILE = "final_check.json"
 CHECKPOINT_MARKER = ".orchestrate-complete"
 
 # Values of status.json's "state": what the worker says about how its attempt ended.

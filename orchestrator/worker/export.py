@@ -1,116 +1,129 @@
 """A Hugging Face model folder people can use, from a job's final weights or any complete checkpoint.
 
-``python -m orchestrator.worker.export verify FOLDER REFERENCE.json``: load FOLDER with
-``AutoModelForCausalLM.from_pretrained`` and compare its logits on a fixed input with those the
-worker recorded from the trained weights in memory (:func:`fingerprint`); exit 0 if they match.
+``python -m orchestrator.worker.export verify FOLDER RECORD.json [--logits-budget-mb N]``: compare
+FOLDER with the worker's record of the weights it saved there (:mod:`.folder_check`: config and
+tokenizer load, every tensor's digest, optionally the logits).
 
-``python -m orchestrator.worker.export export CHECKPOINT BASE OUT``: the weights of CHECKPOINT
-(sharded DCP ``pytorch_model_fsdp_0/`` or a full ``model.safetensors``) into OUT as config,
-safetensors, tokenizer and generation config (from BASE, the model the job started from), then
-the same check against the checkpoint's own weights. Runs in a process of its own (the
-orchestrator never imports torch); prints one JSON line.
+``python -m orchestrator.worker.export export CHECKPOINT BASE OUT [--logits-budget-mb N]``: the weights
+of CHECKPOINT (sharded DCP ``pytorch_model_fsdp_0/`` or a full ``model.safetensors``), in the dtype
+they were saved in, into OUT as config, safetensors, tokenizer and generation config (from BASE, the
+model the job started from), then the same check against the weights it wrote.
+
+Each runs in a process of its own (the orchestrator never imports torch) and prints one JSON line:
+``{"verdict": "verified"|"mismatch"|"unverified", "reason", "folder", "method", "peak_rss_mb", ...}``;
+exit status 0 verified, 1 mismatch, 3 unverified (the check could not run), 2 usage.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-FIXED_INPUT = [[1, 5, 9, 14, 2, 7, 11, 3, 8, 13, 4, 6, 10, 12, 15, 16]]   # token ids every vocabulary has
-RTOL, ATOL = 1e-4, 1e-5
+from .folder_check import LOGITS_BUDGET, MISMATCH, UNVERIFIED, VERIFIED, check_folder
+from .final_record import build_record, fingerprint
+
 MODEL_DIR = "pytorch_model_fsdp_0"
+EXIT = {VERIFIED: 0, MISMATCH: 1, UNVERIFIED: 3}
 
 
-def _logits(model):
-    import torch
+def _dcp_dtype(folder: Path):
+    """The dtype most of a DCP checkpoint's model tensors were saved in."""
+    from collections import Counter
 
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(FIXED_INPUT, device=device)).logits.float().cpu()
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-
-def fingerprint(model) -> dict:
-    """The logits of ``model`` on the fixed input (a collective under FSDP: every rank calls it)."""
-    logits = _logits(model)
-    return {"input_ids": FIXED_INPUT, "shape": list(logits.shape), "logits": logits.flatten().tolist()}
-
-
-def compare(logits, reference: dict) -> tuple[bool, float]:
-    """Whether ``logits`` match the recorded ones, and the largest absolute difference."""
-    import torch
-
-    ref = torch.tensor(reference["logits"]).reshape(reference["shape"])
-    if list(logits.shape) != list(ref.shape):
-        return False, float("inf")
-    diff = float((logits - ref).abs().max())
-    return bool(torch.allclose(logits, ref, rtol=RTOL, atol=ATOL)), diff
-
-
-def check_folder(folder: str | Path, reference: dict | None = None) -> dict:
-    """Load ``folder`` as a user would; compare with ``reference`` logits if given."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder)
-    missing = [n for n in ("config.json", "generation_config.json") if not (folder / n).is_file()]
-    if not any(folder.glob("*.safetensors")):
-        missing.append("*.safetensors")
-    result: dict = {"folder": str(folder), "missing": missing}
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype="float32")
-    AutoTokenizer.from_pretrained(folder)
-    logits = _logits(model)
-    if reference is not None:
-        result["match"], result["max_abs_diff"] = compare(logits, reference)
-    result["ok"] = not missing and result.get("match", True)
-    return result
+    meta = FileSystemReader(str(folder)).read_metadata()
+    counts = Counter(md.properties.dtype for fqn, md in meta.state_dict_metadata.items()
+                     if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata)
+                     and md.properties.dtype.is_floating_point)
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def load_checkpoint_weights(checkpoint: str | Path, base: str | Path):
-    """A model built from ``base``'s config with the weights of ``checkpoint`` (sharded or full)."""
+    """A model built from ``base``'s config with the weights of ``checkpoint`` (sharded or full), in their saved dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     checkpoint = Path(checkpoint)
     if (checkpoint / "model.safetensors").is_file() or (checkpoint / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype="float32")
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto")
     import torch.distributed.checkpoint as dcp
 
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), torch_dtype="float32")
+    dtype = _dcp_dtype(checkpoint / MODEL_DIR)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), dtype=dtype)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(checkpoint / MODEL_DIR))    # no process group: one process reads all shards
     model.load_state_dict(state["model"])
     return model
 
 
-def export(checkpoint: str | Path, base: str | Path, out: str | Path) -> dict:
-    """Write ``checkpoint``'s weights as a Hugging Face folder in ``out`` and check it loads and matches."""
+def export(checkpoint: str | Path, base: str | Path, out: str | Path, logits_budget: int = LOGITS_BUDGET) -> dict:
+    """Write ``checkpoint``'s weights as a Hugging Face folder in ``out``; check it as a job's final model is checked."""
     from transformers import AutoTokenizer, GenerationConfig
 
     model = load_checkpoint_weights(checkpoint, base)
-    reference = fingerprint(model)
+    logits = fingerprint(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
         model.generation_config = GenerationConfig.from_pretrained(base)
     except OSError:
         pass   # the base model has none: save_pretrained writes the model's default
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return check_folder(out, reference)
+    record = build_record(model, model.state_dict(), out, logits)
+    return check_folder(out, record, logits_budget)
+
+
+def peak_rss_mb() -> float | None:
+    """This process's own peak resident memory so far, in MiB. On Linux from ``VmHWM``: ``ru_maxrss``
+    also counts the parent's peak, which a child started by fork + exec inherits."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.worker.export")
+    sub = p.add_subparsers(dest="verb", required=True)
+    v = sub.add_parser("verify")
+    v.add_argument("folder")
+    v.add_argument("record")
+    e = sub.add_parser("export")
+    e.add_argument("checkpoint")
+    e.add_argument("base")
+    e.add_argument("out")
+    for q in (v, e):
+        q.add_argument("--logits-budget-mb", type=float, default=LOGITS_BUDGET / 2**20)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 3 and argv[0] == "verify":
-        reference = json.loads(Path(argv[2]).read_text())
-        result = check_folder(argv[1], reference)
-    elif len(argv) == 4 and argv[0] == "export":
-        result = export(argv[1], argv[2], argv[3])
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    budget = int(args.logits_budget_mb * 2**20)
+    if args.verb == "export":     # an export that breaks raises: the verb fails with the traceback
+        result = export(args.checkpoint, args.base, args.out, budget)
     else:
-        print("usage: python -m orchestrator.worker.export verify FOLDER REFERENCE.json | "
-              "export CHECKPOINT BASE OUT", file=sys.stderr)
-        return 2
+        try:
+            path = Path(args.record)
+            record = json.loads(path.read_text()) if path.is_file() else {"error": f"{path} is missing"}
+            result = check_folder(args.folder, record, budget)
+        except Exception as exc:  # noqa: BLE001 - a check that breaks could not run: it says why, never fails a job
+            result = {"folder": args.folder, "verdict": UNVERIFIED, "method": "digest",
+                      "reason": f"the check itself failed: {type(exc).__name__}: {exc}"}
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
-    return 0 if result["ok"] else 1
+    return EXIT[result["verdict"]]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each node of a step writes its own records into ``attempts/<n>/nodes/<k>/`` (its launcher's
 ``node.json`` and ``agent.json``, rank errors, rank 0's status); once the step ended they are
 merged into the attempt directory as ``agent.json`` (with the SLURM state's verdict),
-``status.json``, ``error-rank<R>.json`` and ``final_logits.json``, so the supervisor classifies a SLURM attempt
+``status.json``, ``error-rank<R>.json`` and ``final_model.json``, so the supervisor classifies a SLURM attempt
 exactly like a local one.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def publish(adir: Path, nnodes: int, info: JobInfo | None, launch_log: Path | No
         if agent:
             agents[node] = agent
         for src in sorted(ndir.glob(f"{channel.ERROR_FILE_PREFIX}*.json")) + [ndir / channel.STATUS_FILE,
-                                                                              ndir / channel.FINAL_LOGITS_FILE]:
+                                                                              ndir / channel.FINAL_RECORD_FILE]:
             dst = adir / src.name
             if src.is_file() and not dst.exists():
                 channel.write_json_atomic(dst, channel.read_json(src) or {})
