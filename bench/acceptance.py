@@ -191,6 +191,7 @@ def out_of_memory(work: Path, smoke: bool) -> None:
     if smoke:
         model, data = small_model(work, smoke)
         cfg, env = job_config(model, data, smoke, "oom", max_steps=4), {"ORCHESTRATE_FAULT": "oom:0:2"}
+        cfg["launch"]["nproc_per_node"] = 1   # one rank is enough to fail (CI's CPU time)
     else:
         src = work / "throughput"
         cfg, env = job_config(src / "model", src / "data", smoke, "oom", max_steps=10, max_length=2048), {}
