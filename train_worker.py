@@ -14,7 +14,7 @@ Environment (all optional; the worker also runs by hand):
 * ``ORCHESTRATE_ATTEMPT``: attempt number (default 1);
 * ``ORCHESTRATE_RESUME_FROM``: checkpoint path, or ``none`` to start fresh (see
   :func:`orchestrator.worker.support.resolve_resume` for the full precedence);
-* ``ORCHESTRATE_FAULT``: test-only fault injection, ``hang|crash|exit:RANK:STEP[:always]``.
+* ``ORCHESTRATE_FAULT``: test-only fault injection, ``hang|crash|exit|oom:RANK:STEP[:always]``.
 
 Exit status: 0 completed; 75 (``channel.EXIT_STOPPED``) stopped on SIGTERM/SIGUSR1/SIGUSR2 after
 saving a checkpoint on every rank (or before training started); anything else failed.
@@ -29,7 +29,8 @@ from pathlib import Path
 from orchestrator.worker import channel  # noqa: E402
 from orchestrator.worker.checkpoints import checkpoint_step, tokens_at_checkpoint  # noqa: E402
 from orchestrator.worker.heartbeat import Heartbeat  # noqa: E402
-from orchestrator.worker.support import StopFlag, WorkerEnv, env_rank, parse_fault, resolve_resume  # noqa: E402
+from orchestrator.worker.support import (StopFlag, WorkerEnv, end_failed_rank, env_rank, parse_fault,  # noqa: E402
+                                         resolve_resume)
 
 # Installed before the heavy imports (when run as a script) so that an early signal is not lost;
 # the handler only sets a flag.
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None, allow_fast_exit: bool = False) -> int:
         code = run(sys.argv[1:] if argv is None else list(argv), att)
     except Exception as exc:
         att.fail(exc)
+        if allow_fast_exit:   # run by torchrun: leave at once rather than after a slow teardown
+            end_failed_rank(exc, STOP, fast=att.fast_exit)
         raise
     # An explicit barrier + destroy_process_group avoided an occasional SIGABRT at exit (notes/cpu-training.md).
     if dist.is_available() and dist.is_initialized():
@@ -232,8 +235,20 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+def _wait_if_spare() -> None:
+    """A spare attempt (orchestrator/worker/spare.py) waits here, imports done, until it is handed the attempt;
+    its "wall" times then count from the hand-over, not from the spare's start."""
+    from orchestrator.worker import callback
+    from orchestrator.worker.spare import wait_for_attempt
+
+    handed = wait_for_attempt(STOP)
+    if handed is not None:
+        callback.T0 = handed
+
+
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    _wait_if_spare()
     # record(): torchrun's failure summary then shows each failed rank's exception, not "<N/A>".
     sys.exit(record(main)(allow_fast_exit=True))

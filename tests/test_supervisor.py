@@ -129,8 +129,8 @@ def _run(tmp_path, scripts, retry=None, watchdog=None):
 KILLED = {"1": {"exitcode": -9, "signal": "SIGKILL"}}
 
 
-def test_a_killed_attempt_resumes_from_its_checkpoint_after_backoff(tmp_path):
-    state, job, backend, clock, _ = _run(tmp_path, [
+def test_a_killed_attempt_resumes_from_its_checkpoint_at_once(tmp_path):
+    state, job, backend, clock, events = _run(tmp_path, [
         Script(steps=[1, 2, 3, 4, 5, 6], checkpoints=[5], failures=KILLED),
         Script(steps=[6, 7, 8, 9, 10], checkpoints=[10], worker_state="completed", returncode=0),
     ])
@@ -139,7 +139,8 @@ def test_a_killed_attempt_resumes_from_its_checkpoint_after_backoff(tmp_path):
     assert backend.started[0] == (1, None)
     assert backend.started[1][1].endswith("checkpoint-5")
     assert job.attempts[1].resumed_from.endswith("checkpoint-5") and job.attempts[1].start_step == 5
-    assert clock.slept >= 2.0  # backoff_s before the retry
+    assert clock.slept < 2.0  # a lost process's first retry does not wait backoff_s (issue 18.3)
+    assert any("retry 1/" in e and "in 0 s" in e for e in events), events
     assert job.step == 10
 
 
@@ -216,7 +217,7 @@ def test_restart_budget_is_one_per_job(tmp_path):
     state, job, backend, clock, _ = _run(tmp_path, scripts, retry=RetryPolicy(backoff_s=1, max_restarts=2))
     assert state is JobState.FAILED
     assert len(backend.started) == 3 and "budget" in job.message
-    assert clock.slept >= 1 + 2  # exponential backoff: 1 s, then 2 s
+    assert 2 <= clock.slept < 1 + 2  # the first retry at once (a kill), the second after 2 s (backoff doubled)
 
 
 def test_preemption_resumes_at_once_without_charging_the_budget(tmp_path):

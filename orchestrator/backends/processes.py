@@ -123,16 +123,20 @@ def attempt_root(job_id: str, attempt: int) -> ProcessId | None:
 
 
 def rank_pids(job_id: str) -> dict[int, int]:
-    """``{global rank: pid}`` of the job's live training ranks (torchrun sets ``RANK`` in each)."""
-    out = {}
+    """``{global rank: pid}`` of the job's live training ranks (torchrun sets ``RANK`` in each), those of
+    its oldest attempt still running (the next one may already wait as a spare: ``backends/spare.py``)."""
+    by_attempt: dict[str, dict[int, int]] = {}
     for p in job_processes(job_id):
         try:
-            rank = p.environ().get("RANK")
+            env = p.environ()
+            rank = env.get("RANK")
+            if rank is not None and rank.isdigit() and p.status() != psutil.STATUS_ZOMBIE:
+                by_attempt.setdefault(env.get(channel.ENV_ATTEMPT) or "", {})[int(rank)] = p.pid
         except psutil.Error:
             continue
-        if rank is not None and rank.isdigit() and p.status() != psutil.STATUS_ZOMBIE:
-            out[int(rank)] = p.pid
-    return out
+    if not by_attempt:
+        return {}
+    return by_attempt[min(by_attempt, key=lambda a: int(a) if a.isdigit() else 0)]
 
 
 def kill_job_processes(job_id: str, root: ProcessId | None = None, grace_s: float = 10.0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..worker.checkpoints import list_checkpoints, newest_complete
+from ..worker.stages import extra_folders
 from . import disk
 
 
@@ -17,8 +18,25 @@ def verified_step(output_dir: str) -> int | None:
     return good.step if good else None
 
 
+def progress_mark(plan) -> tuple[int, ...]:
+    """The newest complete step of the job's folder, then of each later training stage of a script
+    (:mod:`orchestrator.worker.stages`); a greater tuple means an attempt saved a new checkpoint."""
+    folders = extra_folders(plan.run_dir, plan.output_dir) if plan.script else []
+    return tuple(verified_step(str(f)) or 0 for f in [plan.output_dir, *folders])
+
+
+def _clean_stage_folders(plan, event: Callable[[str], None]) -> None:
+    """A script's later stages resume from their own newest complete checkpoint (the worker picks it):
+    move their newer, incomplete ones aside, as for the job's folder, so that a save writes a clean folder."""
+    for folder in extra_folders(plan.run_dir, plan.output_dir) if plan.script else []:
+        good, skipped = newest_complete(folder)
+        for check, where in zip(skipped, disk.move_aside(folder, [c.path for c in skipped])):
+            event(f"skipping {folder.name}/{check.path.name}: {check.reason}; moved to {where}")
+
+
 def resume_point(plan, attempts, event: Callable[[str], None]) -> tuple[str | None, str | None]:
     """``(checkpoint to resume from or None, reason to stop instead)`` for the next attempt."""
+    _clean_stage_folders(plan, event)
     good, skipped = newest_complete(plan.output_dir)
     # Every attempt so far started from scratch: the checkpoints are their saves cut short, so
     # starting from scratch again loses no verified work (it is not the silent restart refused below).

@@ -1,7 +1,9 @@
 """The retry policy: a pure decision from (failure, history, policy) to retry or stop.
 
 Defaults (``launch.retry``): transient failures retry with exponential backoff
-within one job-level budget (``max_restarts``); user errors never retry; OOM and a full disk
+within one job-level budget (``max_restarts``), except that the job's first retry after a lost
+process (KILLED, WORKER_LOST) starts at once: such a fault says nothing about the job, and
+waiting only adds to the recovery time (issue 18.3); user errors never retry; OOM and a full disk
 never retry unchanged; graceful stops (preemption) retry at once on a separate budget
 (``max_preemptions``); and the job stops after ``max_no_progress`` consecutive
 attempts that produced no new verified checkpoint.
@@ -12,6 +14,9 @@ from dataclasses import dataclass
 
 from ..config.launch import RetryPolicy
 from ..states import Failure
+
+# Failure classes whose first retry does not wait (PREEMPTED never waits: a graceful stop, its own budget).
+NO_FIRST_BACKOFF = frozenset({Failure.KILLED, Failure.WORKER_LOST, Failure.PREEMPTED})
 
 OOM_ADVICE = ("out of memory: retrying unchanged would fail the same way. Lower per_device_train_batch_size "
               "(raise gradient_accumulation_steps to keep the batch), lower max_length, or turn on "
@@ -69,5 +74,6 @@ def decide(failure: Failure, history: list[PastAttempt], policy: RetryPolicy) ->
     if no_progress >= policy.max_no_progress:
         return Decision(False, 0.0, f"{failure.value}: {no_progress} attempts in a row saved no new checkpoint "
                                     f"(launch.retry.max_no_progress={policy.max_no_progress})")
-    wait = min(policy.backoff_s * (2 ** (failures - 1)), policy.backoff_max_s)
+    wait = 0.0 if failures == 1 and failure in NO_FIRST_BACKOFF else min(
+        policy.backoff_s * (2 ** (failures - 1)), policy.backoff_max_s)
     return Decision(True, wait, f"{failure.value}: retry {failures}/{policy.max_restarts} in {wait:.0f} s")

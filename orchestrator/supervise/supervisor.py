@@ -126,6 +126,7 @@ class Supervisor:
         try:
             return self._run(adopt, fresh_budget)
         except (LeaseLost, FencedOut) as exc:
+            getattr(self.backend, "discard_spares", lambda job_id: None)(self.plan.job_id)   # backends/spare.py
             self.on_event(f"this supervisor no longer holds the job ({exc}); leaving it alone")
             return None
         except (OSError, sqlite3.OperationalError) as exc:
@@ -162,7 +163,8 @@ class Supervisor:
         while True:
             self._poll_requests()
             if reattach is not None:
-                handle, start_step, before = reattach, self._attempt_start_step(attempt), self._verified_step()
+                handle, start_step = reattach, self._attempt_start_step(attempt)
+                mark = checkpoints.progress_mark(self.plan)
                 self._event(f"following attempt {attempt} again (pid {handle.pid or handle.external_id})")
                 reattach = None
             else:
@@ -173,8 +175,7 @@ class Supervisor:
                     return self._finish(JobState.FAILED, stop_reason)
                 if self._relocated(last_failure):
                     return None
-                before = self._verified_step()
-                start_step = before or 0
+                mark, start_step = checkpoints.progress_mark(self.plan), self._verified_step() or 0
                 handle = self._start(attempt, resume_from, start_step)
                 self._event(f"attempt {attempt} started" + (f", resuming from {resume_from}" if resume_from else ""))
             self._current, self._attempt_n = handle, attempt
@@ -182,7 +183,7 @@ class Supervisor:
             self._current = None
             failure = classify(outcome)
             final_problem, final_note = self._check_final_model(handle) if failure is Failure.COMPLETED else (None, None)
-            gained = (self._verified_step() or 0) > (before or 0)
+            gained = checkpoints.progress_mark(self.plan) > mark   # a later stage of a script counts too
             history.append(PastAttempt(failure, gained))
             decision = decide(failure, history, self.plan.retry)
             detail = error_line(outcome)
@@ -283,6 +284,8 @@ class Supervisor:
                                gained_checkpoint=0)
 
     def _finish(self, state: JobState, message: str) -> JobState:
+        # A next attempt started ahead (backends/spare.py) goes first: whoever sees the final state finds no process.
+        getattr(self.backend, "discard_spares", lambda job_id: None)(self.plan.job_id)
         self.write_job(state=state, message=message, supervisor_pid=None)
         keep_final_goodput(self.ledger, self.plan.job_id)   # issue 20: the final account, for every view
         if state is JobState.CANCELLED:
@@ -375,8 +378,9 @@ class Supervisor:
         rc = self.backend.poll(handle) if rc is None else rc
         if not (stalled or cancelled):
             # Ranks outlive a dead torchrun agent (they run in sessions of their own) and
-            # would keep writing checkpoints beside the next attempt: end whatever is left.
-            self.kill(handle, grace_s=3.0)
+            # would keep writing checkpoints beside the next attempt: end whatever is left (at once when
+            # the agent was killed: their graceful stop could not finish a save in any grace worth waiting).
+            self.kill(handle, grace_s=0.0 if rc is not None and rc < 0 else 3.0)
         follower.poll()
         self._record_progress(follower)
         return self._outcome(handle, rc, stalled, cancelled), follower.state.step

@@ -53,7 +53,7 @@ WORKER_STOPPED = "stopped"  # graceful stop on a signal: checkpoint saved, resum
 EXIT_STOPPED = 75
 # ENV_RESUME_FROM's value meaning "start fresh, do not look for checkpoints".
 RESUME_NONE = "none"
-# Test-only fault injection in the worker: "hang|crash|exit:RANK:STEP[:always]".
+# Test-only fault injection in the worker: "hang|crash|exit|oom:RANK:STEP[:always]".
 ENV_FAULT = "ORCHESTRATE_FAULT"
 # launch.checkpoint.every as seconds: every rank agrees to save at the step boundary after it passed.
 ENV_SAVE_EVERY_S = "ORCHESTRATE_SAVE_EVERY_S"

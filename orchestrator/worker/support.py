@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self.installed: list[signal.Signals] = []
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -113,9 +115,39 @@ class StopFlag:
         env = os.environ if environ is None else environ
         names = [n.strip() for n in env.get(channel.ENV_STOP_SIGNALS, "").split(",") if n.strip()]
         extra = [signal.Signals[n] for n in names if n in signal.Signals.__members__]
-        for sig in {signal.SIGTERM, *(extra or STOP_SIGNALS)}:
+        self.installed = sorted({signal.SIGTERM, *(extra or STOP_SIGNALS)})
+        for sig in self.installed:
             signal.signal(sig, self._handler)
         return self
+
+    def restore_defaults(self) -> None:
+        """Give the stop signals their default action back (they end the process)."""
+        for sig in self.installed:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def end_failed_rank(exc: BaseException, stop: StopFlag, fast: bool) -> None:
+    """A rank whose attempt failed (its error record written) ends without lingering (issue 18.3).
+
+    The interpreter's teardown of torch and transformers takes seconds, and torchrun waits for it
+    before it reports the attempt's end; meanwhile its SIGTERM would only set the stop flag. So the
+    stop signals get their default action back, and the rank leaves at once, with the traceback in
+    its log and torchrun's error file written, when ``fast`` (nothing waits on atexit hooks) or when
+    torchrun already asked it to stop. Otherwise it returns and the caller re-raises.
+    """
+    stop.restore_defaults()
+    if not (fast or stop):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(exc)   # what torchrun's record() would write
+    except Exception:  # noqa: BLE001 - the error record (write_error) is what the orchestrator reads
+        pass
+    traceback.print_exception(type(exc), exc, exc.__traceback__)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(1)
 
 
 def error_errno(exc: BaseException) -> int | None:
@@ -143,7 +175,7 @@ def write_error(path: Path, exc: BaseException, rank: int, phase: str, step: int
 
 
 def parse_fault(spec: str | None, attempt: int) -> tuple[str, int, int] | None:
-    """``hang|crash|exit:RANK:STEP[:always]`` -> ``(kind, rank, step)``; ``None`` if off.
+    """``hang|crash|exit|oom:RANK:STEP[:always]`` -> ``(kind, rank, step)``; ``None`` if off.
 
     A fault fires in the first attempt only (so the retry can succeed) unless ``:always``.
     """
@@ -153,15 +185,15 @@ def parse_fault(spec: str | None, attempt: int) -> tuple[str, int, int] | None:
     always = parts[-1] == "always"
     if always:
         parts = parts[:-1]
-    if len(parts) != 3 or parts[0] not in ("hang", "crash", "exit"):
-        raise ValueError(f"{channel.ENV_FAULT}={spec!r}: expected hang|crash|exit:RANK:STEP[:always]")
+    if len(parts) != 3 or parts[0] not in ("hang", "crash", "exit", "oom"):
+        raise ValueError(f"{channel.ENV_FAULT}={spec!r}: expected hang|crash|exit|oom:RANK:STEP[:always]")
     if attempt > 1 and not always:
         return None
     return parts[0], int(parts[1]), int(parts[2])
 
 
 def maybe_inject_fault(fault: tuple[str, int, int] | None, rank: int, step: int) -> None:
-    """Test-only: simulate a stuck rank, a crash or a hard death at the start of ``step``."""
+    """Test-only: simulate a stuck rank, a crash, a hard death or an out-of-memory error at the start of ``step``."""
     if fault is None or fault[1] != rank or fault[2] != step:
         return
     kind = fault[0]
@@ -170,6 +202,11 @@ def maybe_inject_fault(fault: tuple[str, int, int] | None, rank: int, step: int)
             time.sleep(3600)
     if kind == "crash":
         raise RuntimeError(f"injected fault ({channel.ENV_FAULT}): crash on rank {rank} at step {step}")
+    if kind == "oom":   # what the allocator raises; a CPU run's stand-in for a real CUDA OOM (bench/acceptance.py)
+        import torch
+
+        raise getattr(torch, "OutOfMemoryError", MemoryError)(
+            f"CUDA out of memory (injected fault, {channel.ENV_FAULT}, on rank {rank} at step {step})")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
