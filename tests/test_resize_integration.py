@@ -25,10 +25,10 @@ pytestmark = pytest.mark.integration
 
 ROWS = 200          # 12.5 global batches: 13 steps per epoch once padded to 208
 STEPS = 26          # 2 epochs
-TRAINING = dict(max_steps=-1, num_train_epochs=2, save_steps=4, logging_steps=1, save_total_limit=3, packing=False,
+TRAINING = dict(max_steps=-1, num_train_epochs=2, save_steps=4, logging_steps=1, save_total_limit=4, packing=False,
                 lr_scheduler_type="linear", learning_rate=0.003, eval_strategy="steps", eval_steps=8)
 RECORD = {"ORCHESTRATE_RECORD_SAMPLES": "1"}
-LOSS_RTOL = 1e-6     # the target; 2 -> 1 -> 2 reached 1.2e-7 on CPU fp32 (printed with -s)
+LOSS_RTOL = 1e-6     # the target; 2 -> 1 -> 2 across an epoch's end reached 2.1e-7 on CPU fp32 (printed with -s)
 
 
 def _data(tmp_path, assets) -> Path:

@@ -244,3 +244,16 @@ def test_the_step_agreement_gives_every_rank_the_same_decision_one_step_later(tm
     assert out[0] == out[1], out                                     # exact: the same decision at the same step
     assert [s for s, stop, save in out[0] if save] == [4]            # rank 1 asked at step 3
     assert out[0][-1] == [7, True, False]                            # rank 0 asked to stop at step 6
+
+
+def test_the_background_thread_runs_jobs_in_order_and_never_holds_the_process_at_exit():
+    from orchestrator.worker.save_manager import Background
+
+    bg = Background("test-bg")
+    order = []
+    first = bg.submit(lambda: order.append(1) or "one")
+    failing = bg.submit(lambda: 1 / 0)
+    assert first.result(timeout=10) == "one" and isinstance(failing.exception(timeout=10), ZeroDivisionError)
+    assert bg._thread.daemon
+    bg.shutdown()
+    assert not bg._thread.is_alive()

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import errno
 import inspect
+import queue
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
@@ -56,6 +58,35 @@ def missing_trainer_hooks(trainer_or_class) -> list[str]:
     return missing
 
 
+class Background:
+    """One daemon thread running jobs in order (a ``ThreadPoolExecutor`` thread would be joined at interpreter
+    exit: a rank failing while its background job waits in a collective for a dead rank would never exit)."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the future
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
 class SaveManager:
     """Owns every save of one Trainer (see the module doc).
 
@@ -71,7 +102,7 @@ class SaveManager:
         self.limit: int | None = None
         self.sharded_async = False
         self._original = None               # transformers' own _save_checkpoint (for what layout.py does not cover)
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: Background | None = None
         self._committer: Committer | None = None
         self.pending: Future | None = None
         self.pending_save: Save | None = None
@@ -103,7 +134,7 @@ class SaveManager:
         args = self.trainer.args
         self._committer = Committer(self.rank, int(args.world_size), writer, GroupCollectives(writer), self.fence,
                                     self.point, self._recorded, self._failed, self._rotate)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchestrate-ckpt")
+        self._pool = Background("orchestrate-ckpt")
 
     # -- the save (transformers calls it when a save is due) ---------------------------------------------
     def save_checkpoint(self, model=None, trial=None) -> None:
@@ -170,7 +201,7 @@ class SaveManager:
             self.settle()
         finally:
             if self._pool is not None:
-                self._pool.shutdown(wait=True)
+                self._pool.shutdown()
                 self._pool, self._committer = None, None
 
     # -- on the background thread (rank 0) ----------------------------------------------------------------
