@@ -209,21 +209,30 @@ def test_padded_indices_make_whole_global_batches(rows, multiple):
 # ---- the step agreement on two real gloo processes ------------------------------------------------------
 
 AGREEMENT_SCRIPT = r"""
-import json, os, sys
+import json, sys
 import torch.distributed as dist
 from orchestrator.worker.collectives import StepAgreement, side_groups
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 control, writer = side_groups()
-agreement = StepAgreement(control)
-wants = {1: {"save": {3}, "stop": set()}, 0: {"save": set(), "stop": {6}}}[rank]
+now = [0.0]
+step_s = {0: 0.1, 1: 0.24}[rank]          # proposals: rank 0 5 steps, rank 1 2 steps; the smaller wins
+agreement = StepAgreement(control, clock=lambda: now[0])
+asks = {1: {"save": 3, "stop": None}, 0: {"save": None, "stop": 9}}[rank]
+save = stop = False
 seen = []
-for step in range(1, 10):
-    stop, save = agreement.read()
-    seen.append([step, stop, save])
-    if stop:
-        break
-    agreement.launch(step in wants["stop"], step in wants["save"])
+for step in range(1, 40):
+    now[0] = step * step_s
+    decided = agreement.read(step)
+    if decided is not None:
+        seen.append([step, *decided, agreement.period])
+        if decided[0]:
+            break
+        save = save and not decided[1]
+    save = save or step == asks["save"]
+    stop = stop or step == asks["stop"]
+    if agreement.ready():
+        agreement.launch(step, stop, save)
 agreement.drain()
 print(json.dumps(seen))
 dist.barrier()
@@ -231,7 +240,7 @@ dist.destroy_process_group()
 """
 
 
-def test_the_step_agreement_gives_every_rank_the_same_decision_one_step_later(tmp_path):
+def test_the_step_agreement_gives_every_rank_the_same_decisions_at_the_same_steps(tmp_path):
     import subprocess
 
     script = tmp_path / "agree.py"
@@ -241,9 +250,12 @@ def test_the_step_agreement_gives_every_rank_the_same_decision_one_step_later(tm
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(store)], stdout=subprocess.PIPE, text=True,
                               env=env) for r in (0, 1)]
     out = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
-    assert out[0] == out[1], out                                     # exact: the same decision at the same step
-    assert [s for s, stop, save in out[0] if save] == [4]            # rank 1 asked at step 3
-    assert out[0][-1] == [7, True, False]                            # rank 0 asked to stop at step 6
+    assert out[0] == out[1], out                            # exact: the same decisions at the same steps
+    # (step read, stop, save, step launched, period after it): the first reduces at every step, then the
+    # period agreed from the step time (0.5 s / 0.24 s -> 2 steps)
+    assert [s[0] for s in out[0]] == [2, 3, 5, 7, 9, 11] and out[0][-1][-1] == 2
+    assert [(s[0], s[3]) for s in out[0] if s[2]] == [(5, 3)]          # rank 1 asked to save at step 3
+    assert out[0][-1][:4] == [11, True, False, 9]                       # rank 0 asked to stop at step 9
 
 
 def test_the_background_thread_runs_jobs_in_order_and_never_holds_the_process_at_exit():

@@ -4,7 +4,7 @@
 rank at a step boundary on a stop signal (with a checkpoint), saves when the time interval passed
 or a ``orchestrate checkpoint`` request came, and fires the test-only faults. The step path holds
 no host sync (issue 18.1): the stop/save agreement is one asynchronous all-reduce launched at step
-k and read at step k+1 (:class:`~.collectives.StepAgreement`), rank 0 reads the request file on a
+k and read at step k+K, K steps of about half a second (:class:`~.collectives.StepAgreement`), rank 0 reads the request file on a
 thread of its own (:class:`RequestWatcher`, once a second), and every save belongs to the
 :class:`~.save_manager.SaveManager` (commits and purges on its background thread).
 :class:`WorkerRun` keeps this process's final records (``status.json``, ``error-rank<R>.json``).
@@ -122,11 +122,13 @@ class OrchestrateCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.optimizer_steps += 1
-        self.heartbeat.step = state.global_step
+        self.heartbeat.step = step = state.global_step
         self.saves.poll()                    # a finished background save: only local bookkeeping, no collective
-        stop, save = self.agreement.read()   # launched at the previous step: the same on every rank
-        # A save made right after the flags were launched (save_steps) already did what they asked.
-        save = save and self.last_save_step != state.global_step - 1
+        stop = save = False
+        decided = self.agreement.read(step)  # due at the same step on every rank, with the same values
+        if decided is not None:
+            stop, save, launched = decided
+            save = save and self.last_save_step < launched   # a save since the launch did what was asked
         if stop:
             self.stopped = True
             control.should_save = True
@@ -136,8 +138,8 @@ class OrchestrateCallback(TrainerCallback):
         if stop or save:
             self.agreed_why, self.asked_why = self.asked_why, {}
             self.last_save = time.monotonic()
-        if not stop and state.global_step < state.max_steps:
-            self.agreement.launch(bool(self.stop), self._save_due())   # read at the next step boundary
+        if not stop and step < state.max_steps and self.agreement.ready():
+            self.agreement.launch(step, bool(self.stop), self._save_due())
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):

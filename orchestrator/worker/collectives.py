@@ -3,7 +3,8 @@ type, whether the model is really FSDP-wrapped).
 
 :class:`StepAgreement` is the one collective on the step path (issue 18.1): the stop and save
 flags of every rank in a single all-reduce, launched asynchronously at the end of step k and read
-at the end of step k+1, so every rank decides the same thing at the same step and the host never
+at the end of step k+K (K agreed in the same reduce from the measured step time, so a decision takes
+about a second at most), so every rank decides the same thing at the same step and the host never
 waits for it. It runs on a gloo group of its own over CPU tensors (:func:`side_groups`): no device
 tensor, no ``.item()`` on a GPU value, no host-device sync, and no interleaving with training's
 own collectives. The background checkpoint thread has a second gloo group, so its collectives
@@ -63,49 +64,66 @@ def side_groups() -> tuple[object, object]:
 
 
 class StepAgreement:
-    """Stop and save, agreed by every rank with one asynchronous all-reduce per step.
+    """Stop and save, agreed by every rank with one asynchronous all-reduce every ``period`` steps.
 
-    Each step boundary, :meth:`read` returns the decision from the flags every rank passed to the
-    previous :meth:`launch` (``(stop, save)``: true if any rank asked), then the caller launches this
-    step's flags. The wait in :meth:`read` is normally free (the reduce ran during the step on gloo's
-    own threads). Without a process group (one process) the decision is the local flags, at once.
+    A reduce launched at step k is read at step k + period (:meth:`read` returns ``None`` at the steps
+    in between), and the next is launched at once. Each reduce carries every rank's flags (``stop``,
+    ``save``: true if any rank asked) and its proposal for the next period, from its measured step
+    time, so that a flag raised just after a launch is decided within about ``2 x target_s`` (two
+    periods); the smallest proposal wins, so every rank reads and launches at the same steps. The
+    wait in :meth:`read` is normally free (the reduce ran meanwhile on gloo's own threads). Without a
+    process group (one process) the flags of one step are the decision of the next.
     """
 
-    def __init__(self, group=None, enabled: bool | None = None):
+    TARGET_S = 0.5       # a period of about half a second: a decision within about one second
+    MAX_PERIOD = 64
+
+    def __init__(self, group=None, enabled: bool | None = None, clock=None):
+        import time
+
         self.group = group
         self.distributed = dist_on()
         self.enabled = (os.environ.get(ENV_NO_AGREEMENT) != "1") if enabled is None else enabled
+        self.clock = clock or time.monotonic
+        self.period = 1
         self._work = None
-        self._flags = torch.zeros(2, dtype=torch.int32)
-        self._local = (False, False)
+        self._flags = torch.zeros(3, dtype=torch.int32)
+        self._launched: tuple[int, float] | None = None    # (step, clock) of the reduce in flight
+        self._previous: tuple[int, float] | None = None    # of the one before (for the step time)
 
-    def launch(self, stop: bool, save: bool) -> None:
-        """This rank's flags for the decision the next :meth:`read` returns (every rank calls it at the same step)."""
-        if not self.enabled:
-            return
-        if not self.distributed:
-            self._local = (bool(stop), bool(save))
-            return
-        self._flags = torch.tensor([int(bool(stop)), int(bool(save))], dtype=torch.int32)
-        self._work = dist.all_reduce(self._flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+    def ready(self) -> bool:
+        """No reduce in flight: the caller launches one now (every rank at the same step)."""
+        return self.enabled and self._launched is None
 
-    def read(self) -> tuple[bool, bool]:
-        """``(stop, save)`` agreed from the flags of the previous :meth:`launch` (``(False, False)`` if none)."""
-        if not self.distributed:
-            out, self._local = self._local, (False, False)
-            return out
-        if self._work is None:
-            return False, False
-        self._work.wait()
-        self._work = None
-        stop, save = self._flags.tolist()   # a CPU tensor: no device sync
-        return bool(stop), bool(save)
+    def launch(self, step: int, stop: bool, save: bool) -> None:
+        """This rank's flags, read back (every rank's together) at ``step + period``."""
+        now = self.clock()
+        proposal = 1
+        if self._previous is not None and step > self._previous[0]:
+            per_step = (now - self._previous[1]) / (step - self._previous[0])
+            proposal = max(1, min(self.MAX_PERIOD, int(self.TARGET_S / max(per_step, 1e-6))))
+        self._launched = self._previous = (step, now)
+        # one MAX reduce for all three: any stop, any save, and the smallest proposal (as -max(-p))
+        self._flags = torch.tensor([int(bool(stop)), int(bool(save)), -proposal], dtype=torch.int32)
+        if self.distributed:
+            self._work = dist.all_reduce(self._flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+
+    def read(self, step: int) -> tuple[bool, bool, int] | None:
+        """``(stop, save, step of the launch)`` agreed by every rank, at the step it is due; else ``None``."""
+        if self._launched is None or step < self._launched[0] + self.period:
+            return None
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        stop, save, neg = self._flags.tolist()   # a CPU tensor: no device sync
+        launched, self._launched, self.period = self._launched[0], None, max(1, -neg)
+        return bool(stop), bool(save), launched
 
     def drain(self) -> None:
         """Wait for a launched reduce nobody will read (the end of training): leave no collective behind."""
         if self._work is not None:
             self._work.wait()
-            self._work = None
+        self._work, self._launched = None, None
 
 
 def distributed_info(trainer) -> dict:
