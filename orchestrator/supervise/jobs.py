@@ -44,7 +44,12 @@ def create_job(cfg: JobConfig, plan: LaunchPlan, ledger: Ledger) -> Job:
     check_output_dir(plan, cfg, ledger)
     paths = plan.paths
     paths.run_dir.mkdir(parents=True, exist_ok=False)
-    shutil.copyfile(cfg.source, paths.submitted_config)
+    if plan.overrides:   # issue 19: the frozen config is the file with the command line's KEY=VALUE set
+        paths.submitted_config.write_text(
+            f"# {cfg.source} with {' '.join(plan.overrides)} (orchestrate submit KEY=VALUE)\n"
+            + yaml.safe_dump(_with_overrides(yaml.safe_load(Path(cfg.source).read_text()), plan), sort_keys=False))
+    else:
+        shutil.copyfile(cfg.source, paths.submitted_config)
     paths.worker_config.write_text(yaml.safe_dump(dict(plan.worker_config), sort_keys=True))
     channel.write_json_atomic(paths.plan, plan.to_dict())
     ledger.create_job(job_id=plan.job_id, name=plan.name, backend=plan.backend, run_dir=plan.run_dir,
@@ -88,7 +93,16 @@ def config_changes(job: Job) -> list[str]:
         then = yaml.safe_load(paths.submitted_config.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return []
+    plan = channel.read_json(paths.plan) or {}
+    if plan.get("overrides") and isinstance(now, dict):   # they are in the frozen config, not edits of the file
+        now = _with_overrides(now, LaunchPlan.from_dict(plan))
     return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(_diff(then, now).items())]
+
+
+def _with_overrides(raw: dict, plan: LaunchPlan) -> dict:
+    from ..config.overrides import apply_overrides, parse_overrides
+
+    return apply_overrides(raw, parse_overrides(list(plan.overrides))[0])[0]
 
 
 def _diff(a, b, prefix: str = "") -> dict[str, tuple]:

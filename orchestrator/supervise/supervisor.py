@@ -23,11 +23,13 @@ from ..backends.base import AttemptHandle, Backend
 from ..plan import LaunchPlan
 from ..states import Failure, JobState
 from ..store import requests
+from ..store.goodput_read import keep_final_goodput
 from ..store.lease import Lease, LeaseLost
 from ..store.ledger import RUNNING, FencedOut, Ledger
 from ..store.progress import ProgressFollower, read_heartbeat
 from . import checkpoints, disk
 from .classify import Outcome, classify, job_state_after
+from .notify import notify_end
 from .outcome import attempt_outcome, error_line
 from .policy import PastAttempt, decide
 from .watchdog import Watchdog
@@ -280,9 +282,11 @@ class Supervisor:
 
     def _finish(self, state: JobState, message: str) -> JobState:
         self.write_job(state=state, message=message, supervisor_pid=None)
+        keep_final_goodput(self.ledger, self.plan.job_id)   # issue 20: the final account, for every view
         if state is JobState.CANCELLED:
             requests.clear(self.plan.run_dir, requests.CANCEL)
         self.on_event(f"job {state.value}: {message}")
+        notify_end(self.plan, state, self.on_event)   # issue 19: launch.notify, in a process of its own
         return state
 
     def _wait(self, seconds: float) -> None:
