@@ -8,7 +8,7 @@ times (median reported):
 * **full-sync**: full state dicts gathered on rank 0 (``full_state_dict=True, cpu_offload=True``)
   and written there with ``torch.save``: what a FULL_STATE_DICT checkpoint does;
 * **sharded-sync**: every rank writes its own shard with ``dcp.save``;
-* **sharded-async**: orchestrate's path (``orchestrator.worker.async_save.AsyncWriter``): training
+* **sharded-async**: orchestrate's path (``orchestrator.worker.async_save``, run as the save manager runs it): training
   is blocked only while the shards are staged (copied off the live tensors); a background thread
   writes them while training steps go on.
 
@@ -99,29 +99,34 @@ def sharded_async(model, opt, path: Path, rank: int, writer) -> tuple[float, flo
     """Orchestrate's path: stage (blocked), then training steps while the background write runs."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    from orchestrator.worker.async_save import Stager, persist
     from orchestrator.worker.collectives import agree_all
 
+    pool, group = writer
     t0 = time.perf_counter()
-    writer.stage(str(path / "model"), {"model": get_model_state_dict(model)})
-    writer.stage(str(path / "optimizer"), {"optimizer": get_optimizer_state_dict(model, opt)})
-    future = writer.flush()
+    stager = Stager()
+    stager.stage(str(path / "model"), {"model": get_model_state_dict(model)})
+    stager.stage(str(path / "optimizer"), {"optimizer": get_optimizer_state_dict(model, opt)})
+    future = pool.submit(persist, stager.take(), group)
     blocked = time.perf_counter() - t0
-    while not agree_all(future.done(), "cpu"):   # training goes on, as the worker's step-end poll does
+    while not agree_all(future.done(), "cpu"):   # training steps go on meanwhile, the same number on every rank
         train_step(model, opt)
     future.result()
     return blocked, time.perf_counter() - t0
 
 
 def worker(args) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch.distributed as dist
 
-    from orchestrator.worker.async_save import AsyncWriter
+    from orchestrator.worker.collectives import side_groups
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model, opt, params = build(args.size)
     train_step(model, opt)
-    writer = AsyncWriter()
+    writer = (ThreadPoolExecutor(max_workers=1), side_groups()[1])   # the worker's background thread and group
     out = {"params": params, "world_size": dist.get_world_size()}
     root = Path(args.dir)
     for name in ("full-sync", "sharded-sync", "sharded-async"):
@@ -139,7 +144,7 @@ def worker(args) -> None:
             if rank == 0:
                 shutil.rmtree(path, ignore_errors=True)
         out[name] = {"blocked_s": statistics.median(b for b, _ in runs), "write_s": statistics.median(w for _, w in runs)}
-    writer.close()
+    writer[0].shutdown(wait=True)
     if rank == 0:
         (root / "raw.json").write_text(json.dumps(out))
     dist.destroy_process_group()

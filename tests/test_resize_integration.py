@@ -1,11 +1,14 @@
-"""Resume on another world size with real torchrun (issue 12): 2 -> 1 -> 2 ranks mid-run.
+"""Resume on another world size with real torchrun (issues 12, 16.4): 2 -> 1 -> 2 ranks across an epoch's end.
 
-An uninterrupted 2-rank run is the reference. The same job is killed at step 10 (no retry
-budget, so it ends FAILED), resumed by hand on 1 rank (``resume --nproc-per-node 1``: gradient
-accumulation doubles, the global batch stays 16), killed again at step 18, and resumed on 2
-ranks to the end. Each optimizer step must train on the same samples as in the reference
-(recorded by the test-only ``ORCHESTRATE_RECORD_SAMPLES``), and the loss and learning rate of
-every step must match the reference up to floating-point summation order.
+An uninterrupted 2-rank run of 2 epochs is the reference. Its 200 rows are not a multiple of the
+global batch (16), so each epoch ends on a short step (without the worker's padding to the global
+batch: 16 samples on 2 ranks with accelerate's ``even_batches``, 8 on 1 rank); evaluation runs every
+8 steps. The same job is killed at step 10 (no retry budget, so it ends FAILED), resumed by hand on 1
+rank (``resume --nproc-per-node 1``: gradient accumulation doubles, the global batch stays 16), which
+trains across the end of epoch 1 (step 13), killed again at step 18, and resumed on 2 ranks to the
+end. Each optimizer step must train on the same samples as in the reference (recorded by the
+test-only ``ORCHESTRATE_RECORD_SAMPLES``), and the loss and learning rate of every step must match the
+reference up to floating-point summation order.
 """
 from __future__ import annotations
 
@@ -20,16 +23,27 @@ from orchestrator.worker.checkpoints import read_marker
 
 pytestmark = pytest.mark.integration
 
-STEPS = 24
-TRAINING = dict(max_steps=STEPS, save_steps=4, logging_steps=1, save_total_limit=3, packing=False,
-                lr_scheduler_type="linear", learning_rate=0.003)
+ROWS = 200          # 12.5 global batches: 13 steps per epoch once padded to 208
+STEPS = 26          # 2 epochs
+TRAINING = dict(max_steps=-1, num_train_epochs=2, save_steps=4, logging_steps=1, save_total_limit=4, packing=False,
+                lr_scheduler_type="linear", learning_rate=0.003, eval_strategy="steps", eval_steps=8)
 RECORD = {"ORCHESTRATE_RECORD_SAMPLES": "1"}
-LOSS_RTOL = 1e-6     # the target; 2 -> 1 -> 2 reached 1.2e-7 on CPU fp32 (printed with -s)
+LOSS_RTOL = 1e-6     # the target; 2 -> 1 -> 2 across an epoch's end reached 2.1e-7 on CPU fp32 (printed with -s)
+
+
+def _data(tmp_path, assets) -> Path:
+    data = tmp_path / "data"
+    if not data.exists():
+        data.mkdir()
+        rows = (assets / "data" / "train_dataset.json").read_text().splitlines()[:ROWS]
+        (data / "train_dataset.json").write_text("\n".join(rows) + "\n")
+        (data / "test_dataset.json").write_text((assets / "data" / "test_dataset.json").read_text())
+    return data
 
 
 def _run(tmp_path, assets, name, env, launch=None):
     cfg = write_config(tmp_path, assets, name=name, launch={"retry": {"max_restarts": 0}, **(launch or {})},
-                       **TRAINING)
+                       **TRAINING, dataset_path=str(_data(tmp_path, assets)))
     home = tmp_path / "home"
     r = orch(home, "submit", "--detach", str(cfg), cwd=tmp_path, env_extra={**RECORD, **env}, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -83,6 +97,7 @@ def test_two_one_two_ranks_trains_on_the_same_samples_with_the_same_loss(tmp_pat
     ref_logs, ref_samples = _per_step(ref["run_dir"])
     logs, samples = _per_step(job["run_dir"])
     assert sorted(logs) == sorted(ref_logs) == list(range(1, STEPS + 1))
+    assert [a["resumed_from"].rsplit("-", 1)[1] for a in job["attempts"][1:]] == ["8", "16"]
     for step in range(1, STEPS + 1):
         assert samples[step] == ref_samples[step], f"step {step} trained on other samples"
         assert sum(samples[step].values()) == 16

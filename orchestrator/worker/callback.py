@@ -2,27 +2,31 @@
 
 :class:`OrchestrateCallback` writes the progress records, keeps the heartbeat's phase, stops every
 rank at a step boundary on a stop signal (with a checkpoint), saves when the time interval passed
-or a ``orchestrate checkpoint`` request came, commits each checkpoint once every rank's part is
-on disk (marker, rotation, record with blocked and write times), and fires the test-only faults.
+or a ``orchestrate checkpoint`` request came, and fires the test-only faults. The step path holds
+no host sync (issue 18.1): the stop/save agreement is one asynchronous all-reduce launched at step
+k and read at step k+K, K steps of about half a second (:class:`~.collectives.StepAgreement`), rank 0 reads the request file on a
+thread of its own (:class:`RequestWatcher`, once a second), and every save belongs to the
+:class:`~.save_manager.SaveManager` (commits and purges on its background thread).
 :class:`WorkerRun` keeps this process's final records (``status.json``, ``error-rank<R>.json``).
-:func:`attach` puts both on a trainer.
+:func:`attach` puts them on a trainer.
 """
 from __future__ import annotations
 
-import errno
+import functools
 import os
+import threading
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from . import channel
-from .async_save import Committer, Save
-from .checkpoints import latest_complete_checkpoint, rotate_checkpoints, write_checkpoint_marker
-from .collectives import agree_all, agree_any, distributed_info, gpu_memory
+from .checkpoints import latest_complete_checkpoint
+from .collectives import StepAgreement, distributed_info, gpu_memory, side_groups
+from .epochs import global_batch_of, pad_to_global_batch
 from .heartbeat import Heartbeat
 from .sample_log import install_sample_log
-from .save_hooks import SaveHooks
+from .save_manager import SaveManager
 from .support import SaveFault, StopFlag, WorkerEnv, env_rank, env_world_size, maybe_inject_fault, write_error
 from .timing import RestoreTimer, StepClock, eval_fields
 
@@ -37,14 +41,38 @@ def _process_start() -> float:
 
 
 T0 = _process_start()   # for the "wall" field: seconds since this rank's process started
+REQUEST_POLL_S = 1.0    # how often rank 0 reads the checkpoint request file
 
 
 def now() -> float:
     return round(time.time(), 3)
 
 
+class RequestWatcher:
+    """Rank 0: the time of the newest ``orchestrate checkpoint`` request, read off the step path."""
+
+    def __init__(self, path: Path, interval_s: float = REQUEST_POLL_S):
+        self.path, self.interval_s = path, interval_s
+        self.asked = 0.0
+        self._stop = threading.Event()
+
+    def start(self) -> "RequestWatcher":
+        threading.Thread(target=self._loop, name="orchestrate-requests", daemon=True).start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            request = channel.read_json(self.path) or {}
+            self.asked = max(self.asked, float(request.get("time") or 0))
+            if self._stop.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class OrchestrateCallback(TrainerCallback):
-    """Progress records, phases, graceful stop, timed and requested saves, commits, test faults."""
+    """Progress records, phases, graceful stop, timed and requested saves, test faults."""
 
     def __init__(self, wenv: WorkerEnv, stop: StopFlag, resumed_from: str | None, tokens_base: int, fault):
         self.wenv, self.stop, self.resumed_from, self.fault = wenv, stop, resumed_from, fault
@@ -55,10 +83,15 @@ class OrchestrateCallback(TrainerCallback):
         self.stopped = False
         self.t_begin, self.tokens_begin = time.time(), tokens_base
         self.heartbeat: Heartbeat | None = None
-        self.hooks: SaveHooks | None = None
+        self.saves: SaveManager | None = None
+        self.agreement = StepAgreement()
+        self.watcher: RequestWatcher | None = None
         self.every_s = float(os.environ.get(channel.ENV_SAVE_EVERY_S) or 0)
         self.last_save = time.monotonic()
+        self.last_save_step = -1
         self.handled_request = 0.0
+        self.asked_why: dict = {}   # rank 0: why it asked the other ranks for a save (not agreed yet)
+        self.agreed_why: dict = {}  # rank 0: why the agreed save that comes next is made
         self.restore, self.steps = RestoreTimer(), StepClock(wenv.attempt_dir, self.rank)   # goodput (issue 20)
 
     def _record(self, event: str, step: int, **fields) -> None:
@@ -69,14 +102,17 @@ class OrchestrateCallback(TrainerCallback):
     def _tokens(self) -> int:
         return int(getattr(self.trainer, "_total_train_tokens", 0) or 0)
 
-    def _device(self):
-        return self.trainer.accelerator.device
-
     # -- the trainer's events ----------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         # The model is wrapped (accelerator.prepare) before on_train_begin, so this is what really runs.
         self.info = distributed_info(self.trainer)
         self.t_begin, self.tokens_begin = time.time(), self._tokens()
+        control_group, _writer = side_groups()      # collective: every rank is here
+        self.agreement = StepAgreement(control_group)
+        self.saves.start()
+        if self.rank == 0 and self.watcher is None:
+            self.watcher = RequestWatcher(self.wenv.progress.parent / channel.REQUESTS_DIR /
+                                          f"{channel.CHECKPOINT_REQUEST}.json").start()
         self.heartbeat.phase("training", state.global_step)
         self._record("start", state.global_step, max_steps=state.max_steps, num_train_epochs=state.num_train_epochs,
                      resumed_from=self.resumed_from, world_size=self.info["world_size"],
@@ -91,27 +127,47 @@ class OrchestrateCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.optimizer_steps += 1
         self.steps.end()
-        self.heartbeat.step = state.global_step
-        self.hooks.committer.poll()          # a background write that every rank finished: commit it
-        if agree_any(bool(self.stop), self._device()):
+        self.heartbeat.step = step = state.global_step
+        self.saves.poll()                    # a finished background save: only local bookkeeping, no collective
+        stop = save = False
+        decided = self.agreement.read(step)  # due at the same step on every rank, with the same values
+        if decided is not None:
+            stop, save, launched = decided
+            save = save and self.last_save_step < launched   # a save since the launch did what was asked
+        if stop:
             self.stopped = True
             control.should_save = True
             control.should_training_stop = True
-        elif agree_any(self.rank == 0 and self._save_due(), self._device()):
+        elif save:
             control.should_save = True
+        if stop or save:
+            self.agreed_why, self.asked_why = self.asked_why, {}
+            self.last_save = time.monotonic()
+        if not stop and step < state.max_steps and self.agreement.ready():
+            self.agreement.launch(step, bool(self.stop), self._save_due())
         return control
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            self.saves.settle()              # transformers may load the best checkpoint next: it must be complete
+
     def on_train_end(self, args, state, control, **kwargs):
-        self.hooks.close()                   # the save in flight is complete and committed before we leave
+        self.agreement.drain()
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        self.saves.close()                   # the save in flight is complete and committed before we leave
         self.steps.write()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        hb = self.heartbeat   # its "evaluating" phase began when evaluate() did (save_hooks.py)
+        hb = self.heartbeat   # its "evaluating" phase began when evaluate() did (callback._phase_while_evaluating)
         self._record("eval", state.global_step,
                      **eval_fields(metrics, state.epoch, hb.phase_name, hb.since, time.time()))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
+        if "train_runtime" in logs:          # the final summary; transformers 5 loads the best model next
+            self.saves.settle()
         if "loss" not in logs:  # eval and the final summary have no training loss
             return
         tokens = int(logs.get("num_tokens", self._tokens()))
@@ -123,69 +179,61 @@ class OrchestrateCallback(TrainerCallback):
 
     # -- saves ----------------------------------------------------------------------------------
     def _save_due(self) -> bool:
-        """Rank 0: the time interval passed, or ``orchestrate checkpoint`` asked (the reason goes on the save)."""
-        request = channel.read_json(Path(self.wenv.progress).parent / channel.REQUESTS_DIR /
-                                    f"{channel.CHECKPOINT_REQUEST}.json") or {}
-        asked = float(request.get("time") or 0)
+        """Rank 0: a ``orchestrate checkpoint`` request came, or the time interval passed. No I/O."""
+        if self.rank != 0 or self.asked_why:
+            return bool(self.asked_why)      # asked already: the decision is on its way
+        asked = self.watcher.asked if self.watcher is not None else 0.0
         if asked > self.handled_request:
             self.handled_request = asked
-            self.hooks.extra = {"reason": "requested", "requested": asked}
-            return True
-        if self.every_s and time.monotonic() - self.last_save >= self.every_s:
-            self.hooks.extra = {"reason": "time"}
-            return True
-        return False
+            self.asked_why = {"reason": "requested", "requested": asked}
+        elif self.every_s and time.monotonic() - self.last_save >= self.every_s:
+            self.asked_why = {"reason": "time"}
+        return bool(self.asked_why)
 
-    def facts(self) -> dict:
-        """Taken when a save starts: what its marker and record say besides."""
-        self.last_save = time.monotonic()
-        return {"tokens": self._tokens()}
-
-    def commit(self, save: Save, ok: bool, error: str | None) -> None:
-        """Every rank's part of ``save`` is on disk (or one failed): rank 0 marks, rotates and records it.
-
-        A failed write is a failed save (no marker; the previous complete checkpoint stays the resume
-        point) and training goes on, except on a full disk: that rank raises ENOSPC, which ends the
-        attempt as DISK_FULL (the supervisor moves the incomplete checkpoint aside and says so).
-        """
-        self.hooks.point("marker", save.step)
-        why = {k: v for k, v in save.extra.items() if k in ("reason", "requested")}
-        if not ok and self.rank == 0:
-            self._record("checkpoint_failed", save.step, path=save.path, save_s=save.blocked_s,
-                         error=error or "another rank's write failed", **why)
-        if error and ("No space left on device" in error or "Errno 28" in error):
-            raise OSError(errno.ENOSPC, f"No space left on device (writing {save.path} in the background): {error}")
-        if not ok or self.rank != 0:
-            return
+    def describe(self) -> tuple[dict, dict]:
+        """When a save starts (every rank): ``(the marker's facts, why it is made)``; restarts the save clock."""
+        self.last_save, self.last_save_step = time.monotonic(), int(self.trainer.state.global_step)
+        why = self.agreed_why or self.asked_why     # a save right after rank 0 asked does what it asked
+        self.agreed_why, self.asked_why = {}, {}
         args = self.trainer.args
         gb = global_batch(args)
-        write_checkpoint_marker(save.path, save.step, attempt=self.wenv.attempt, world_size=args.world_size,
-                                global_batch=gb, samples=save.step * gb, **save.extra)
-        # save_total_limit only now that the new checkpoint is complete (see worker/save_hooks.py)
-        best = self.trainer.state.best_model_checkpoint
-        rotate_checkpoints(args.output_dir, args.save_total_limit, keep=(best,) if best else (),
-                           before_delete=lambda _: self.hooks.point("rotate", save.step))
-        self._record("checkpoint", save.step, path=str(Path(save.path).absolute()), save_s=save.blocked_s,
-                     write_s=save.write_s, async_write=save.future is not None,
-                     started=round(save.started, 3), **why)
+        marker = {"attempt": self.wenv.attempt, "world_size": args.world_size, "global_batch": gb,
+                  "samples": self.last_save_step * gb, "tokens": self._tokens(), **why}
+        return marker, why
 
 
 def global_batch(args) -> int:
     """Samples per optimizer step over every rank: micro-batch x gradient accumulation x world size."""
-    return int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * int(args.world_size)
+    return global_batch_of(args)
 
 
-def attach(trainer, callback: OrchestrateCallback, heartbeat: Heartbeat) -> SaveHooks:
-    """Put the callback and the save hooks on ``trainer`` (any transformers/TRL Trainer)."""
+def attach(trainer, callback: OrchestrateCallback, heartbeat: Heartbeat) -> SaveManager:
+    """Put the callback and the save manager on ``trainer`` (any transformers/TRL Trainer)."""
     callback.trainer, callback.heartbeat = trainer, heartbeat
     callback.restore.install(trainer)
     if callback not in trainer.callback_handler.callbacks:
         trainer.add_callback(callback)
-    committer = Committer(lambda flag: agree_all(flag, trainer.accelerator.device), callback.commit)
     fault = SaveFault.parse(os.environ.get(channel.ENV_SAVE_FAULT), callback.wenv.attempt)
-    callback.hooks = SaveHooks(trainer, heartbeat, fault, env_rank(), committer, callback.facts).install()
+    callback.saves = SaveManager(trainer, heartbeat, fault, env_rank(), callback._record, callback.describe).install()
+    _phase_while_evaluating(trainer, heartbeat)
+    pad_to_global_batch(trainer, env_rank())
     install_sample_log(trainer, callback.wenv.attempt_dir, env_rank())   # test-only, off unless asked
-    return callback.hooks
+    return callback.saves
+
+
+def _phase_while_evaluating(trainer, heartbeat: Heartbeat) -> None:
+    """The heartbeat says ``evaluating`` while ``trainer.evaluate`` runs (its own time limit applies)."""
+    evaluate = trainer.evaluate
+
+    @functools.wraps(evaluate)
+    def evaluate_with_phase(*args, **kwargs):
+        previous = heartbeat.phase_name
+        heartbeat.phase("evaluating")
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            heartbeat.phase(previous)
+    trainer.evaluate = evaluate_with_phase
 
 
 class WorkerRun:

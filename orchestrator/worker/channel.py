@@ -63,6 +63,9 @@ REQUESTS_DIR = "requests"
 CHECKPOINT_REQUEST = "checkpoint"
 # Test-only faults inside the save path: see support.SaveFault.
 ENV_SAVE_FAULT = "ORCHESTRATE_SAVE_FAULT"
+# The lease generation the attempt's supervisor holds (set by the backend on every rank); rank 0
+# commits nothing once $ORCHESTRATE_RUN_DIR/lease/ holds a newer generation (worker/fence.py).
+ENV_LEASE_GEN = "ORCHESTRATE_LEASE_GEN"
 # Per-rank error record in the attempt directory: error-rank<R>.json.
 ERROR_FILE_PREFIX = "error-rank"
 

@@ -1,11 +1,16 @@
 """Checkpoints as both sides see them: the completion marker the worker writes, and the one
 test of completeness the supervisor (and the worker, when it picks a resume point) applies.
 
-A checkpoint counts only if the worker's completion marker is there (written by rank 0
-after every rank finished writing, see ``channel.CHECKPOINT_MARKER``) and cheap checks
-agree with it: ``trainer_state.json`` parses and its step matches the folder, every
-file the marker lists exists with its recorded size and is non-empty, and every
-safetensors file has a readable header. Reads only small files and headers.
+A checkpoint counts only if the worker's completion marker is there and cheap checks agree
+with it: ``trainer_state.json`` parses and its step matches the folder, every file the marker
+lists exists with its recorded size and is non-empty, every safetensors file has a readable
+header, and (marker format 2) every DCP folder whose shards are listed has its ``.metadata``
+listed too. Reads only small files and headers.
+
+The marker (format 2, written by :mod:`orchestrator.worker.commit`): rank 0 writes it from the
+``(path, size)`` lists every rank reported for the files it wrote and fsynced, after checking
+them against DCP's ``.metadata``; then it fsyncs the folder. Older markers (no ``format``: rank
+0's own listing) stay readable and are verified the same way against their list.
 
 There is one listing (:func:`list_checkpoints`, newest first) and one folder-name pattern.
 """
@@ -23,6 +28,8 @@ from . import channel
 from .channel import CHECKPOINT_MARKER, read_json
 
 TRAINER_STATE = "trainer_state.json"
+MARKER_FORMAT = 2      # 2: the files every rank reported (gathered), checked against DCP's .metadata
+DCP_METADATA = ".metadata"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -75,6 +82,10 @@ def verify_checkpoint(path: Path, step: int) -> CheckpointCheck:
             return bad(f"{rel} has {actual} bytes, expected {size}")
         if rel.endswith(".safetensors") and not _safetensors_header_ok(f):
             return bad(f"{rel}: safetensors header unreadable")
+    if int(marker.get("format") or 1) >= 2:
+        for folder in sorted({rel.rsplit("/", 1)[0] for rel in files if rel.endswith(".distcp") and "/" in rel}):
+            if f"{folder}/{DCP_METADATA}" not in files:
+                return bad(f"{folder}/{DCP_METADATA} is not in the marker's list")
     return CheckpointCheck(path, step, True)
 
 
@@ -129,11 +140,35 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, int]:
     return files
 
 
-def write_checkpoint_marker(path: str | os.PathLike, step: int, **extra) -> dict:
-    """Write the marker that says "every rank finished writing this checkpoint" (rank 0, after a barrier)."""
-    record = {"step": int(step), "files": checkpoint_files(path), **extra}
+def write_checkpoint_marker(path: str | os.PathLike, step: int, files: dict[str, int] | None = None,
+                            **extra) -> dict:
+    """Write the marker that says "every rank finished writing this checkpoint", then fsync the folder.
+
+    ``files``: the ``{relative path: size}`` every rank reported (format 2, see
+    :mod:`orchestrator.worker.commit`); without it, this process's own listing of the folder (a
+    checkpoint marked by hand).
+    """
+    listed = checkpoint_files(path) if files is None else dict(sorted(files.items()))
+    record = {"step": int(step), "files": listed, **({"format": MARKER_FORMAT} if files is not None else {}),
+              **extra}
     channel.write_json_atomic(Path(path) / CHECKPOINT_MARKER, record)
+    fsync_dir(path)
     return record
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a folder's entries (files created or renamed in it) durable; a no-op where folders cannot be
+    opened (some network filesystems refuse it: their create/rename is synchronous there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_marker(path: str | os.PathLike) -> dict | None:
