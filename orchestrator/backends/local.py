@@ -38,6 +38,9 @@ class LocalBackend:
             )
         self._children[(plan.job_id, attempt)] = proc
         ident = ProcessId.of(proc.pid)
+        # Which process table the attempt lives in: only that host may probe or signal it (issue 17).
+        channel.write_json_atomic(paths.launch_record(attempt), {"host": ident.host, "ns": ident.ns, "pid": proc.pid,
+                                                                 "pid_start": ident.start_time})
         return AttemptHandle(job_id=plan.job_id, attempt=attempt, pid=proc.pid,
                              attempt_dir=str(paths.attempt_dir(attempt)), pid_start=ident.start_time,
                              host=ident.host)
@@ -88,7 +91,8 @@ class LocalBackend:
 def _ident(handle: AttemptHandle) -> ProcessId | None:
     if not handle.pid:
         return None
-    return ProcessId(handle.pid, handle.pid_start, handle.host or socket.gethostname())
+    launched = channel.read_json(Path(handle.attempt_dir) / "launch.json") or {}
+    return ProcessId(handle.pid, handle.pid_start, handle.host or socket.gethostname(), launched.get("ns") or "")
 
 
 def read_agent_record(attempt_dir: Path) -> dict | None:

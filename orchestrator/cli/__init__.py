@@ -15,6 +15,9 @@ from .parser import build_parser
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; return the exit status (0 completed, 1 failed, 2 bad input, 130 cancelled)."""
     args = build_parser().parse_args(argv)
+    from ..store.private import private_umask
+
+    private_umask()   # issue 17: what orchestrate and the jobs it starts create is the user's alone
     from ..config import ConfigError
     from ..errors import JobError
     from . import cmd_jobs, cmd_view

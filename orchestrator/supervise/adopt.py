@@ -5,16 +5,23 @@ is one of: running and recorded (follow it again); started by a supervisor that 
 before recording who runs it (found by the backend through its tags or scheduler record,
 then followed); or never started at all (ended at once, WORKER_LOST). Only the newest open
 attempt can still be followed; an older one (a supervisor died while adopting) is ended.
+An attempt started on another host is never followed from here (its processes are not in this
+host's process table): while its ranks beat the job is left to that host; once they fell silent
+the attempt is ended and asked to stop, should its ranks wake (:mod:`.elsewhere`).
 """
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
 from ..backends.base import AttemptHandle
 from ..states import Failure
+from ..store.lease import LeaseLost
 from ..store.ledger import RUNNING, AttemptRecord, Job
+from . import elsewhere
 from .classify import classify
+from .outcome import attempt_outcome
 
 
 def adopt_open_attempts(sup, job: Job) -> AttemptHandle | None:
@@ -22,6 +29,9 @@ def adopt_open_attempts(sup, job: Job) -> AttemptHandle | None:
     open_attempts = [a for a in job.attempts if a.is_open]
     follow = None
     for record in open_attempts:
+        if sup.backend is not None and sup.backend.name == "local" and not elsewhere.place(sup.plan, record).here:
+            _end_elsewhere(sup, job, record)
+            continue
         handle = attempt_handle(sup, record)
         if handle is None:
             sup.write_attempt(record.n, ended=time.time(), failure=Failure.WORKER_LOST.value, gained_checkpoint=0,
@@ -30,9 +40,44 @@ def adopt_open_attempts(sup, job: Job) -> AttemptHandle | None:
             sup.on_event(f"attempt {record.n} was never started (its supervisor died while starting it)")
         elif record is open_attempts[-1]:
             follow = handle  # the follow loop gets its end even if it ended meanwhile
+            if record.n not in sup.lease.record.continues:
+                sup.lease.continue_attempts(record.n)   # its ranks are this generation's: not fenced
         else:
             _end(sup, record, handle)
     return follow
+
+
+def _end_elsewhere(sup, job: Job, record: AttemptRecord) -> None:
+    """An open attempt started on another host: this host cannot see its processes, only their beat.
+
+    Ranks that still beat are that host's to supervise: leave the job (:class:`LeaseLost`). Silent
+    ones are dead or paused: ask them to stop (should they wake, they stop at their next step and
+    write nothing; the new lease generation fences them too) and end the attempt by its records.
+    """
+    where = elsewhere.place(sup.plan, record)
+    adir = sup.plan.paths.attempt_dir(record.n)
+    if elsewhere.ranks_beat(sup.plan.run_dir, adir, wait_s=elsewhere.beat_window() + 2) is not False:
+        raise LeaseLost(elsewhere.runs_elsewhere_message(job, record, where, "adopting it"))
+    sup.lease.check()
+    elsewhere.request_stop(sup.plan.run_dir, record.n, f"taken over on {socket.gethostname()}: its ranks on "
+                                                       f"{where.host} had fallen silent")
+    outcome = attempt_outcome(adir, None if not elsewhere.ended(adir) else _exit_of(adir))
+    failure = classify(outcome) if outcome.returncode is not None else Failure.WORKER_LOST
+    sup.write_attempt(record.n, ended=time.time(), exit_code=outcome.returncode, failure=failure.value,
+                      gained_checkpoint=0, end_step=record.start_step,
+                      message=f"ran on {where.host}, whose ranks fell silent; taken over on {socket.gethostname()} "
+                              f"(should they wake, they stop at their next step without writing)")
+    sup.on_event(f"attempt {record.n} ran on {where.host} and its ranks fell silent: ended {failure.value}")
+
+
+def _exit_of(adir) -> int:
+    from ..worker import channel
+
+    agent = channel.read_json(adir / channel.AGENT_RECORD_FILE) or {}
+    status = channel.read_json(adir / channel.STATUS_FILE) or {}
+    if "exit_code" in agent:
+        return int(agent["exit_code"])
+    return {channel.WORKER_COMPLETED: 0, channel.WORKER_STOPPED: channel.EXIT_STOPPED}.get(status.get("state"), 1)
 
 
 def attempt_handle(sup, record: AttemptRecord) -> AttemptHandle | None:
@@ -51,8 +96,6 @@ def attempt_handle(sup, record: AttemptRecord) -> AttemptHandle | None:
 
 
 def _end(sup, record: AttemptRecord, handle: AttemptHandle) -> None:
-    from .outcome import attempt_outcome
-
     sup.kill(handle, grace_s=10.0)
     outcome = attempt_outcome(Path(handle.attempt_dir), sup.backend.poll(handle))
     failure = classify(outcome)

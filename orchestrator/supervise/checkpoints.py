@@ -17,15 +17,18 @@ def verified_step(output_dir: str) -> int | None:
     return good.step if good else None
 
 
-def resume_point(plan, attempts, event: Callable[[str], None]) -> tuple[str | None, str | None]:
-    """``(checkpoint to resume from or None, reason to stop instead)`` for the next attempt."""
+def resume_point(plan, attempts, event: Callable[[str], None], fence: Callable[[], None]
+                 ) -> tuple[str | None, str | None]:
+    """``(checkpoint to resume from or None, reason to stop instead)`` for the next attempt.
+
+    ``fence``: the lease's check, run before anything is moved aside."""
     good, skipped = newest_complete(plan.output_dir)
     # Every attempt so far started from scratch: the checkpoints are their saves cut short, so
     # starting from scratch again loses no verified work (it is not the silent restart refused below).
     own_only = bool(attempts) and all(a.resumed_from is None for a in attempts)
     scratch_ok = plan.retry.restart_from_scratch or own_only
     if good or (skipped and scratch_ok):
-        moved = disk.move_aside(plan.output_dir, [c.path for c in skipped])
+        moved = disk.move_aside(plan.output_dir, [c.path for c in skipped], fence=fence)
         for check, where in zip(skipped, moved):
             event(f"skipping {check.path.name}: {check.reason}; moved to {where}")
     else:
@@ -42,10 +45,10 @@ def resume_point(plan, attempts, event: Callable[[str], None]) -> tuple[str | No
     return None, None
 
 
-def disk_full_detail(output_dir: str, detail: str) -> str:
+def disk_full_detail(output_dir: str, detail: str, fence: Callable[[], None]) -> str:
     """What a DISK_FULL attempt's record says: where, how full, what was moved aside (and the error)."""
     incomplete = [c.path for c in newest_complete(output_dir)[1]]
-    moved = disk.move_aside(output_dir, incomplete)
+    moved = disk.move_aside(output_dir, incomplete, fence=fence)
     aside = f"; incomplete {', '.join(p.name for p in incomplete)} moved to {moved[0].parent}" if moved else ""
     text = disk.disk_full_message(output_dir) + aside
     return f"{text} ({detail})" if detail else text

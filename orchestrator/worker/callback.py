@@ -20,6 +20,7 @@ from . import channel
 from .async_save import Committer, Save
 from .checkpoints import latest_complete_checkpoint, rotate_checkpoints, write_checkpoint_marker
 from .collectives import agree_all, agree_any, distributed_info, gpu_memory
+from .fence import halt, must_stop
 from .heartbeat import Heartbeat
 from .sample_log import install_sample_log
 from .save_hooks import SaveHooks
@@ -88,6 +89,9 @@ class OrchestrateCallback(TrainerCallback):
         self.optimizer_steps += 1
         self.heartbeat.step = state.global_step
         self.hooks.committer.poll()          # a background write that every rank finished: commit it
+        why = must_stop(self.wenv.progress.parent, self.wenv.attempt) if self.rank == 0 else None
+        if agree_any(why is not None, self._device()):   # fenced, or another host asked: write nothing more
+            halt(self.wenv, self.rank, state.global_step, why or "rank 0 was told to stop")
         if agree_any(bool(self.stop), self._device()):
             self.stopped = True
             control.should_save = True
