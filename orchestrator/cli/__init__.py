@@ -59,14 +59,15 @@ def _warn_unsupervised(verb: str, named: str | None) -> None:
         jobs = Ledger.for_home(home).jobs([JobState.PENDING, JobState.RUNNING, JobState.RESUMING])
     except Exception:  # noqa: BLE001 - a warning must never stop the verb itself
         return
-    for job in jobs:
-        if job.backend == "slurm" and not job.state.is_terminal:
-            from ..supervise.remote import reconcile
+    said = {}
+    if any(job.backend == "slurm" for job in jobs):
+        from ..supervise.remote import reconcile_all
 
-            said = reconcile(Ledger.for_home(home), job)
-            if said:
-                print(f"notice: job {job.id}: {said}", file=sys.stderr)
-                continue
+        said = reconcile_all(Ledger.for_home(home), jobs)   # one squeue/sacct call for all of them
+    for job in jobs:
+        if job.id in said:
+            print(f"notice: job {job.id}: {said[job.id]}", file=sys.stderr)
+            continue
         if verb in ("resume", "cancel") and named and job.id.startswith(named):
             continue  # the verb about to repair it
         health = supervisor_health(job.run_dir)

@@ -88,10 +88,10 @@ class OrchestrateCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.optimizer_steps += 1
         self.heartbeat.step = state.global_step
-        self.hooks.committer.poll()          # a background write that every rank finished: commit it
         why = must_stop(self.wenv.progress.parent, self.wenv.attempt) if self.rank == 0 else None
         if agree_any(why is not None, self._device()):   # fenced, or another host asked: write nothing more
             halt(self.wenv, self.rank, state.global_step, why or "rank 0 was told to stop")
+        self.hooks.committer.poll()          # a background write that every rank finished: commit it
         if agree_any(bool(self.stop), self._device()):
             self.stopped = True
             control.should_save = True
@@ -149,6 +149,8 @@ class OrchestrateCallback(TrainerCallback):
         if error and ("No space left on device" in error or "Errno 28" in error):
             raise OSError(errno.ENOSPC, f"No space left on device (writing {save.path} in the background): {error}")
         if not ok or self.rank != 0:
+            return
+        if must_stop(self.wenv.progress.parent, self.wenv.attempt):   # contract 2: a fenced rank 0 commits nothing
             return
         args = self.trainer.args
         gb = global_batch(args)
