@@ -134,8 +134,11 @@ LEASE_S = "6"   # short leases: the second host's judgements (no renewal seen fo
 
 def _on_host_b(home, *args, timeout=240):
     """The CLI on a second login node: its own host name and process table (`unshare --uts --pid`), same files."""
-    argv = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c", 'hostname "$0" && exec "$@"',
-            "login-b", sys.executable, "-m", "orchestrator.cli", *args]
+    # Its own host name, resolvable there as on a real login node (its /etc/hosts), and its own PID namespace.
+    sh = ('hostname "$0" && h=$(mktemp) && cat /etc/hosts > "$h" && echo "127.0.0.1 $0" >> "$h" && '
+          'mount --bind "$h" /etc/hosts && exec "$@"')
+    argv = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c", sh, "login-b", sys.executable, "-m",
+            "orchestrator.cli", *args]
     return subprocess.run(argv, env=env_for(home, ORCHESTRATE_LEASE_S=LEASE_S), capture_output=True, text=True,
                           timeout=timeout)
 

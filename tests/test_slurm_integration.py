@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import psutil
 import pytest
 from orch_helpers import job_processes, orch, progress, start_orch, status, wait_for, write_config
+
+from orchestrator.plan.slurm import rendezvous_port
 
 
 def _cluster_problem() -> str | None:
@@ -200,7 +203,20 @@ def test_c_orchestrate_cancel_asks_the_supervisor_in_the_allocation(tmp_path, de
     cfg = write_config(tmp_path, demo_assets, launch=LAB, max_steps=400, save_steps=1000, logging_steps=1)
     job_id, run = _submit_detached(home, tmp_path, cfg)
     slurm_job = _slurm_job(home, job_id)
+    # Issue 17: another job's store already listens on the port this step's job id hashes to.
+    hashed = rendezvous_port(slurm_job, 1)
+    taken = socket.socket()
+    try:
+        taken.bind(("", hashed))
+        taken.listen()
+    except OSError:
+        taken.close()
+        taken = None            # the step bound it first: nothing to prove this time
     wait_for(lambda: _logs(run), 240, "the first training step")
+    if taken is not None:
+        node = json.loads((Path(run) / "attempts/1/nodes/0/node.json").read_text())
+        assert not node["endpoint"].endswith(f":{hashed}"), "the step reserved another free port"
+        taken.close()
     r = orch(home, "cancel", job_id, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert status(home, job_id)["state"] == "CANCELLED"

@@ -61,7 +61,7 @@ class OrchestrateCallback(TrainerCallback):
         self.handled_request = 0.0
 
     def _record(self, event: str, step: int, **fields) -> None:
-        if self.rank == 0:
+        if self.rank == 0 and not must_stop(self.wenv.progress.parent, self.wenv.attempt):   # fenced: writes nothing
             channel.append_jsonl(self.wenv.progress, {
                 "event": event, "attempt": self.wenv.attempt, "time": now(), "step": step, **fields})
 
