@@ -200,6 +200,14 @@ class AttemptSampler:
         self._thread.join()
 
 
+def _zombie(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
 def check_training_records(run_dir: str) -> list[str]:
     """Invariant 3 by its effects: once an attempt wrote a training record, no earlier attempt writes one."""
     latest, bad = 0, []
@@ -322,6 +330,8 @@ class Scenario:
             env.update(LD_PRELOAD=str(hosts.marker_kill_preload(self.dir)),
                        CHAOS_KILL_ON_RENAME=f"checkpoint-{step}/{channel.CHECKPOINT_MARKER}")
             self.marker_step = step
+        if self.kind == "second_host_cancel":   # it must still train when host B acts (it watches ~20 s first)
+            overrides.update(max_steps=MAX_STEPS * 10)
         cancelled = self.kind in ("cancel_race", "second_host_cancel")
         return ("CANCELLED" if cancelled else "COMPLETED"), write_config(self.dir, self.assets, **overrides), env
 
@@ -362,7 +372,7 @@ class Scenario:
         if not pid:
             raise RuntimeError("no supervisor pid in status")
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10)
+        wait_for(lambda: _zombie(pid), 10)
 
     # each kind: the fault, then what a user would do
     def kill_rank_train(self) -> None:
@@ -460,22 +470,22 @@ class Scenario:
         step = self._at_step()
         pid = self._supervisor_pid()
         seconds = round(self.rng.uniform(1.2, 2.0) * LEASE_S, 1)
-        take_over = self.rng.random() < 0.5
+        during = round(self.rng.uniform(0.5, 1.5) * LEASE_S, 1) if self.rng.random() < 0.5 else None
         hosts.signal_all([pid], signal.SIGSTOP)
         try:
-            if take_over:        # the user finds the job unsupervised meanwhile and resumes it here
-                time.sleep(self.rng.uniform(0, LEASE_S / 2))
+            if during is not None:   # the user tries to resume meanwhile (too early: "already supervised")
+                time.sleep(during)
                 self._resume_here()
-            time.sleep(max(0.0, seconds))
+            time.sleep(max(0.0, seconds - (during or 0.0)))
         finally:
             hosts.signal_all([pid], signal.SIGCONT)
-        if not wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 60):
+        gone = wait_for(lambda: _zombie(pid), 60)
+        if not gone:
             self.result.violations.append(f"the paused supervisor (pid {pid}) still runs 60 s after SIGCONT: "
                                           "it should have found its lease lost and left")
-        if not take_over:        # it gave the job up on waking; the user resumes it
-            self._resume_here()
+        self._resume_here()        # the user resumes the job if nobody supervises it (else is told who does)
         self.result.note = (f"SIGSTOP the supervisor at step {step} for {seconds:.0f} s (lease {LEASE_S:.0f} s)"
-                            + (", resumed here meanwhile" if take_over else ", then resume"))
+                            + (f", resume tried {during:.0f} s in" if during is not None else "") + ", then resume")
 
     def pause_rank0(self) -> None:
         step = self._at_step()
@@ -489,6 +499,12 @@ class Scenario:
         return hosts.on_host(env_for(self.home), *args, cwd=str(self.dir), clock_offset_s=clock_offset_s, timeout=600)
 
     def _expect_refused(self, r: subprocess.CompletedProcess, here: str) -> None:
+        """Host B refuses to resume while attempt 1 trains on A (unless it has ended meanwhile: then B may take
+        the job over, and has; its own supervisor then runs the job to its end)."""
+        ended = Path(self.run_dir, "attempts", "1", channel.STATUS_FILE).exists()
+        if r.returncode == 0 and ended:
+            self.result.note += " (attempt 1 had ended: host B took the job over)"
+            return
         if r.returncode != 2 or f"still runs on {here}" not in r.stderr:
             self.result.violations.append(f"resume on {hosts.HOST_B} while the ranks train on {here}: exit "
                                           f"{r.returncode}, {(r.stdout + r.stderr).strip()[-300:]}")
@@ -508,6 +524,7 @@ class Scenario:
     def _second_host(self, variant: str) -> None:
         self.variant = variant
         step = self._at_step()
+        self.result.note = f"second host at step {step}: {variant}"
         here = socket.gethostname()
         procs = [p.pid for p in job_processes(self.job_id)]
         if self.variant == "freeze":      # host A freezes: every process of the job stops, its supervisor dies
@@ -532,19 +549,18 @@ class Scenario:
                 hosts.signal_all(procs, signal.SIGCONT)   # host A wakes: its ranks must stop without writing
                 if not started:
                     raise RuntimeError("the second host never trained attempt 2")
-        self.result.note = f"second host at step {step}: {self.variant}"
 
     def clock_offset(self) -> None:
-        step = self._at_step()
+        step = self._at_step(2, 6)
         here = socket.gethostname()
         r = self._on_b("resume", self.job_id, clock_offset_s=self.offset)   # the supervisor is alive on A
         if r.returncode != 0 or "already supervised" not in r.stdout:
             self.result.violations.append(f"resume on a host {self.offset:+.0f} s off while the supervisor runs: exit "
                                           f"{r.returncode}, {(r.stdout + r.stderr).strip()[-300:]}")
         os.kill(self._supervisor_pid(), signal.SIGKILL)
+        self.result.note = f"a second host {self.offset:+.0f} s off at step {step}; supervisor killed; resumed here"
         self._expect_refused(self._on_b("resume", self.job_id, clock_offset_s=self.offset), here)
         self._resume_here()
-        self.result.note = f"a second host {self.offset:+.0f} s off at step {step}; supervisor killed; resumed here"
 
     def eexist_link(self) -> None:
         step = self._at_step()

@@ -206,13 +206,18 @@ def test_sightings_outlive_the_command_that_made_them_but_not_a_reboot(tmp_path)
     Sightings(path, clock=mono).sight("k", "v1")
     mono.t += 30
     again = Sightings(path, clock=mono).sight("k", "v1")
-    assert again.age == 30 and again.verdict(20) is False and not again.known
+    assert again.age == 30 and again.verdict(20) is False and again.changed_s is None
     changed = Sightings(path, clock=mono).sight("k", "v2")
-    assert changed.known and changed.verdict(20) is True
+    assert changed.changed_s == 30 and changed.verdict(20) is None, \
+        "the old value was last seen 30 s ago: the change may be that old, so nothing is known yet"
+    watching = Sightings(path, clock=mono)
+    watching.sight("k", "v2")
+    mono.t += 1
+    assert watching.sight("k", "v3").verdict(20) is True      # seen changing within a second
     data = json.loads(path.read_text())
     data["boot"] = "another-boot"
     path.write_text(json.dumps(data))
-    assert Sightings(path, clock=mono).sight("k", "v2").age == 0     # another boot's clock: forgotten
+    assert Sightings(path, clock=mono).sight("k", "v3").age == 0     # another boot's clock: forgotten
 
 
 def test_the_worker_is_fenced_by_a_newer_generation_unless_it_continues_the_attempt(tmp_path):

@@ -317,3 +317,17 @@ def test_a_fenced_attempt_is_told_to_stop_and_an_adopted_one_is_not(tmp_path):
     env = {channel.ENV_LEASE_GEN: str(first.gen)}
     Lease.acquire(tmp_path, owner=Owner("h", 1, 1.0, "t2"), handoff_token=first.token, continues=(2,), duration_s=60)
     assert fence.must_stop(tmp_path, 2, env) is None and fence.must_stop(tmp_path, 1, env)
+
+
+def test_another_hosts_attempt_is_read_from_its_records_never_from_this_process_table(tmp_path):
+    from orchestrator.backends.local import LocalBackend
+
+    adir = tmp_path / "attempts" / "1"
+    channel.write_json_atomic(adir / "launch.json", {"host": "login-a", "ns": "boot/pid:[7]", "pid": os.getpid()})
+    handle = AttemptHandle(JOB, 1, os.getpid(), str(adir), pid_start=1.0, host="login-a")   # a PID alive *here*
+    backend = LocalBackend()
+    assert backend.poll(handle) == -9                         # silent, no record: not "running" by our PID
+    channel.write_json_atomic(adir / channel.STATUS_FILE, {"state": "stopped"})
+    assert backend.poll(handle) == channel.EXIT_STOPPED        # rank 0's end record
+    channel.write_json_atomic(adir / channel.AGENT_RECORD_FILE, {"exit_code": 0})
+    assert backend.poll(handle) == 0                           # torchrun's exit record

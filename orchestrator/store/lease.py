@@ -50,13 +50,15 @@ from .lease_record import (  # noqa: F401 - re-exported: callers import the leas
 )
 from .liveness import Sightings, boottime, sightings_for, watch
 
-def judge_holder(run_dir, *, wait_s: float = 0.0, sightings: Sightings | None = None,
+
+def judge_holder(run_dir, *, wait_s: float = 0.0, fresh: bool = False, sightings: Sightings | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> tuple[LeaseRecord | None, bool | None]:
     """``(newest record, alive)``: is the job's lease held? Watches it for at most ``wait_s``.
 
     ``alive`` is ``False`` when nobody holds it (never taken, released, a holder of this host that is
     gone, or no renewal seen for its duration on this host's clock), ``True`` when a renewal was
     seen within its duration, ``None`` when that is not known yet (seen for less than its duration).
+    ``fresh``: only a renewal seen during this call counts (see :func:`.liveness.watch`).
     """
     sightings = sightings or sightings_for(run_dir)
     state: dict = {}
@@ -72,16 +74,11 @@ def judge_holder(run_dir, *, wait_s: float = 0.0, sightings: Sightings | None = 
             return None
         return rec.sight_key()
 
-    alive, _ = watch(read, f"lease:{Path(run_dir).absolute()}", (read_lease(run_dir) or _NO).duration_s,
-                     sightings, wait_s=wait_s, sleep=sleep)
+    current = read_lease(run_dir)
+    window = current.duration_s if current is not None else DEFAULT_LEASE_S
+    alive, _ = watch(read, f"lease:{Path(run_dir).absolute()}", window, sightings, wait_s=wait_s, fresh=fresh,
+                     sleep=sleep)
     return state.get("rec"), alive
-
-
-class _NoLease:
-    duration_s = DEFAULT_LEASE_S
-
-
-_NO = _NoLease()
 
 
 class Lease:
@@ -124,7 +121,7 @@ class Lease:
         owner = owner or Owner.me()
         duration = duration_s or lease_duration()
         for _ in range(5):
-            current, alive = judge_holder(run_dir, wait_s=wait_s, sightings=sightings, sleep=sleep)
+            current, alive = judge_holder(run_dir, wait_s=wait_s, fresh=wait_s > 0, sightings=sightings, sleep=sleep)
             if current is None and newest_generation(run_dir):
                 time.sleep(0.05)  # the newest file is being replaced: read it again
                 continue

@@ -66,43 +66,50 @@ def same_process_table(host: str | None, ns: str | None) -> bool:
 
 
 class Sighting(tuple):
-    """``(age, known)``: seconds since this host first saw the value as it is now, and whether that was
-    a change seen (``known``) rather than the first look at it (its history unknown)."""
+    """What this host knows of a watched value: ``age``, seconds since it first saw the value as it is now,
+    and ``changed_s``, seconds since it last saw the value before it (``None``: the value was there at its
+    first look, its history unknown). The value changed somewhere in between."""
 
-    def __new__(cls, age: float, known: bool):
-        return super().__new__(cls, (age, known))
+    def __new__(cls, age: float, changed_s: float | None):
+        return super().__new__(cls, (age, changed_s))
 
     @property
     def age(self) -> float:
         return self[0]
 
     @property
-    def known(self) -> bool:
+    def changed_s(self) -> float | None:
         return self[1]
 
     def verdict(self, window_s: float) -> bool | None:
-        """``False``: no change seen for ``window_s``; ``True``: a change seen within it; ``None``: not yet known."""
+        """``False``: no change seen for ``window_s``; ``True``: a change seen within it; ``None``: not yet known.
+
+        The change happened after this host last saw the old value, and no later than it first saw the new
+        one: alive only if the former is within the window, expired once the latter is past it.
+        """
         if self.age >= window_s:
             return False
-        return True if self.known else None
+        if self.changed_s is not None and self.changed_s < window_s:
+            return True
+        return None
 
 
 class Sightings:
-    """When this host first saw each watched value as it is now, on its own monotonic clock.
+    """When this host saw each watched value change, on its own monotonic clock.
 
-    :meth:`sight` says how long a value has been seen unchanged, and whether its arrival was seen
-    (a change) or it was there at the first look. With ``path`` the memory is kept in a file, so
-    that one short-lived command after another (``status``, ``resume``) builds on what earlier
-    ones saw; readings of another boot are dropped. Concurrent writers can only lose sightings (a
-    later first-seen time), never make a value look older than it is: a changed value always
-    starts again from now.
+    :meth:`sight` says how long a value has been seen unchanged and when the value before it was last
+    seen. With ``path`` the memory is kept in a file, so that one short-lived command after another
+    (``status``, ``resume``) builds on what earlier ones saw; readings of another boot are dropped.
+    Concurrent writers and stale files can only make a change look older and a value look younger
+    than they are (a later first sighting, an earlier last sighting of the old value): the verdict
+    errs towards "not yet known", never towards a premature "alive" or "expired".
     """
 
     def __init__(self, path: str | os.PathLike | None = None, clock: Callable[[], float] = boottime):
         self.path = Path(path) if path else None
         self.clock = clock
         self._lock = threading.Lock()
-        self._seen: dict[str, list] = {}
+        self._seen: dict[str, list] = {}     # key -> [value, first seen, old value last seen or None, last seen]
         self._loaded = False
 
     def sight(self, key: str, value: str) -> Sighting:
@@ -112,10 +119,13 @@ class Sightings:
             self._load()
             entry = self._seen.get(key)
             if entry is not None and entry[0] == value:
-                return Sighting(max(0.0, now - float(entry[1])), bool(entry[2]))
-            self._seen[key] = [value, now, entry is not None]
+                entry[3] = now
+                return Sighting(max(0.0, now - float(entry[1])),
+                                None if entry[2] is None else max(0.0, now - float(entry[2])))
+            before = None if entry is None else float(entry[3])
+            self._seen[key] = [value, now, before, now]
             self._save(now)
-            return Sighting(0.0, entry is not None)
+            return Sighting(0.0, None if before is None else max(0.0, now - before))
 
     def forget(self, key: str) -> None:
         with self._lock:
@@ -131,12 +141,12 @@ class Sightings:
         except (OSError, ValueError):
             return
         if isinstance(data, dict) and data.get("boot") == boot_id() and isinstance(data.get("seen"), dict):
-            self._seen.update({k: v for k, v in data["seen"].items() if isinstance(v, list) and len(v) == 3})
+            self._seen.update({k: v for k, v in data["seen"].items() if isinstance(v, list) and len(v) == 4})
 
     def _save(self, now: float) -> None:
         if self.path is None:
             return
-        self._seen = {k: v for k, v in self._seen.items() if now - float(v[1]) < KEEP_SIGHTINGS_S}
+        self._seen = {k: v for k, v in self._seen.items() if now - float(v[3]) < KEEP_SIGHTINGS_S}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
@@ -162,21 +172,27 @@ def sightings_for(run_dir: str | os.PathLike) -> Sightings:
 
 
 def watch(read: Callable[[], str | None], key: str, window_s: float, sightings: Sightings, *,
-          wait_s: float = 0.0, poll_s: float = 0.2, sleep: Callable[[float], None] = time.sleep
+          wait_s: float = 0.0, fresh: bool = False, poll_s: float = 0.2, sleep: Callable[[float], None] = time.sleep
           ) -> tuple[bool | None, float]:
     """Watch a value for at most ``wait_s`` until this host knows whether it still changes.
 
     Returns ``(alive, unchanged_s)``: ``True`` once a change was seen within ``window_s``, ``False``
     once no change was seen for ``window_s`` (or there is no value at all: ``read`` returned
-    ``None``), ``None`` when watching ended before either was known.
+    ``None``), ``None`` when watching ended before either was known. ``fresh``: only a change seen
+    during this call counts as alive (one seen a little earlier may have been the last one: a command
+    about to act watches until it sees another, or none for the window).
     """
     deadline = sightings.clock() + wait_s
+    first = None
     while True:
         value = read()
         if value is None:
             return False, 0.0
         seen = sightings.sight(key, value)
         verdict = seen.verdict(window_s)
+        if fresh and verdict is True and (first is None or value == first):
+            verdict = None
+        first = value if first is None else first
         if verdict is not None or sightings.clock() >= deadline:
             return verdict, seen.age
         sleep(min(poll_s, max(0.0, deadline - sightings.clock())))

@@ -29,10 +29,10 @@ def adopt_open_attempts(sup, job: Job) -> AttemptHandle | None:
     open_attempts = [a for a in job.attempts if a.is_open]
     follow = None
     for record in open_attempts:
-        if sup.backend is not None and sup.backend.name == "local" and not elsewhere.place(sup.plan, record).here:
-            _end_elsewhere(sup, job, record)
-            continue
-        handle = attempt_handle(sup, record)
+        remote = sup.backend is not None and sup.backend.name == "local" and not elsewhere.place(sup.plan, record).here
+        if remote and not _ended_elsewhere(sup, job, record):
+            continue   # silent ranks of another host: ended WORKER_LOST, asked to stop should they wake
+        handle = attempt_handle(sup, record)   # of this host, or ended elsewhere (its records tell how)
         if handle is None:
             sup.write_attempt(record.n, ended=time.time(), failure=Failure.WORKER_LOST.value, gained_checkpoint=0,
                               end_step=record.start_step, message="never started: its supervisor died while "
@@ -40,44 +40,37 @@ def adopt_open_attempts(sup, job: Job) -> AttemptHandle | None:
             sup.on_event(f"attempt {record.n} was never started (its supervisor died while starting it)")
         elif record is open_attempts[-1]:
             follow = handle  # the follow loop gets its end even if it ended meanwhile
-            if record.n not in sup.lease.record.continues:
+            if not remote and record.n not in sup.lease.record.continues:
                 sup.lease.continue_attempts(record.n)   # its ranks are this generation's: not fenced
         else:
             _end(sup, record, handle)
     return follow
 
 
-def _end_elsewhere(sup, job: Job, record: AttemptRecord) -> None:
-    """An open attempt started on another host: this host cannot see its processes, only their beat.
+def _ended_elsewhere(sup, job: Job, record: AttemptRecord) -> bool:
+    """An open attempt started on another host: this host cannot see its processes, only their beat and records.
 
-    Ranks that still beat are that host's to supervise: leave the job (:class:`LeaseLost`). Silent
-    ones are dead or paused: ask them to stop (should they wake, they stop at their next step and
-    write nothing; the new lease generation fences them too) and end the attempt by its records.
+    Ranks that still beat are that host's to supervise: leave the job (:class:`LeaseLost`). Ranks that
+    ended left their records: True, the attempt is followed to its end like any other (the backend
+    reads another host's attempt from its records). Silent ones without a record are dead or paused:
+    ask them to stop (should they wake, they stop at their next step and write nothing; the new lease
+    generation fences them too) and end the attempt WORKER_LOST: False.
     """
     where = elsewhere.place(sup.plan, record)
     adir = sup.plan.paths.attempt_dir(record.n)
-    if elsewhere.ranks_beat(sup.plan.run_dir, adir, wait_s=elsewhere.beat_window() + 2) is not False:
+    if elsewhere.ranks_beat(sup.plan.run_dir, adir, wait_s=elsewhere.beat_window() + 2, fresh=True) is not False:
         raise LeaseLost(elsewhere.runs_elsewhere_message(job, record, where, "adopting it"))
+    if elsewhere.ended(adir):
+        return True
     sup.lease.check()
     elsewhere.request_stop(sup.plan.run_dir, record.n, f"taken over on {socket.gethostname()}: its ranks on "
                                                        f"{where.host} had fallen silent")
-    outcome = attempt_outcome(adir, None if not elsewhere.ended(adir) else _exit_of(adir))
-    failure = classify(outcome) if outcome.returncode is not None else Failure.WORKER_LOST
-    sup.write_attempt(record.n, ended=time.time(), exit_code=outcome.returncode, failure=failure.value,
-                      gained_checkpoint=0, end_step=record.start_step,
-                      message=f"ran on {where.host}, whose ranks fell silent; taken over on {socket.gethostname()} "
-                              f"(should they wake, they stop at their next step without writing)")
-    sup.on_event(f"attempt {record.n} ran on {where.host} and its ranks fell silent: ended {failure.value}")
-
-
-def _exit_of(adir) -> int:
-    from ..worker import channel
-
-    agent = channel.read_json(adir / channel.AGENT_RECORD_FILE) or {}
-    status = channel.read_json(adir / channel.STATUS_FILE) or {}
-    if "exit_code" in agent:
-        return int(agent["exit_code"])
-    return {channel.WORKER_COMPLETED: 0, channel.WORKER_STOPPED: channel.EXIT_STOPPED}.get(status.get("state"), 1)
+    sup.write_attempt(record.n, ended=time.time(), failure=Failure.WORKER_LOST.value, gained_checkpoint=0,
+                      end_step=record.start_step,
+                      message=f"ran on {where.host}, whose ranks fell silent without an end record; taken over on "
+                              f"{socket.gethostname()} (should they wake, they stop at their next step without writing)")
+    sup.on_event(f"attempt {record.n} ran on {where.host} and its ranks fell silent: ended WORKER_LOST")
+    return False
 
 
 def attempt_handle(sup, record: AttemptRecord) -> AttemptHandle | None:

@@ -70,7 +70,7 @@ def take_over(job: Job) -> Lease:
     job's open attempt runs on another host and its ranks beat: that host alone can supervise it,
     and another attempt started beside it would train the job twice.
     """
-    holder, alive = judge_holder(job.run_dir, wait_s=watch_s())
+    holder, alive = judge_holder(job.run_dir, wait_s=watch_s(), fresh=True)
     if holder is not None and alive is not False:
         raise LeaseBusy(holder)
     if job.backend == "local":
@@ -78,7 +78,7 @@ def take_over(job: Job) -> Lease:
         for record in [a for a in job.attempts if a.is_open]:
             where = elsewhere.place(plan, record)
             if not where.here and elsewhere.ranks_beat(job.run_dir, plan.paths.attempt_dir(record.n),
-                                                       wait_s=watch_s()) is not False:
+                                                       wait_s=watch_s(), fresh=True) is not False:
                 raise JobError(elsewhere.runs_elsewhere_message(job, record, where, "resume"))
     return take_job(job)
 

@@ -56,9 +56,11 @@ def ended(attempt_dir: str | Path) -> bool:
         p.exists() for n in names for p in adir.glob(f"nodes/*/{n}"))
 
 
-def ranks_beat(run_dir, attempt_dir: str | Path, *, wait_s: float = 0.0, window_s: float | None = None) -> bool | None:
+def ranks_beat(run_dir, attempt_dir: str | Path, *, wait_s: float = 0.0, window_s: float | None = None,
+               fresh: bool = False) -> bool | None:
     """``True`` while rank 0's beat changes (seen on this host's clock), ``False`` once ended or silent for
-    the window, ``None`` when watching ended before that was known (at most ``wait_s``)."""
+    the window, ``None`` when watching ended before that was known (at most ``wait_s``). ``fresh``: only a
+    beat seen during this call counts (a command about to act on it)."""
     adir = Path(attempt_dir)
 
     def read() -> str | None:
@@ -68,7 +70,7 @@ def ranks_beat(run_dir, attempt_dir: str | Path, *, wait_s: float = 0.0, window_
         return "none" if beat is None else f"{beat.get('time')}:{beat.get('step')}:{beat.get('phase')}"
 
     alive, _ = watch(read, f"beat:{adir.absolute()}", window_s or beat_window(), sightings_for(run_dir),
-                     wait_s=wait_s)
+                     wait_s=wait_s, fresh=fresh)
     return alive
 
 
