@@ -109,7 +109,8 @@ class LeaseRecord:
         return max(0.0, (time.time() if now is None else now) - self.renewed)
 
     def sight_key(self) -> str:
-        return f"{self.gen}:{self.beat}:{int(self.released)}:{self.owner.token}"
+        """What changes at every renewal (the holder's time stamp only as an opaque mark: a record of 0.2 has no beat)."""
+        return f"{self.gen}:{self.beat}:{self.renewed!r}:{int(self.released)}:{self.owner.token}"
 
     def dead_here(self) -> bool:
         """Released, or held by a process of this host's process table that is gone (known at once)."""
