@@ -20,6 +20,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/orchestrate demo prepare --dir .demo
 	$(VENV)/bin/orchestrate submit configs/demo.yaml
+	@echo "orchestrate is installed in $(VENV): run 'source $(VENV)/bin/activate' to have it on your PATH"
 
 # Everything: unit tests, real-torchrun integration tests and the SLURM tests (what CI runs;
 # the SLURM ones skip with a reason unless SLURM_CONF points at a cluster: scripts/slurm-lab.sh).

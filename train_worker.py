@@ -50,7 +50,9 @@ class ScriptArguments:
 
     model_id: str | None = field(default=None, metadata={"help": "Model name or path (model and tokenizer)."})
     dataset_path: str | None = field(
-        default=None, metadata={"help": "Folder with train_dataset.json (and test_dataset.json), chat JSON lines."})
+        default=None, metadata={"help": "Folder with train_dataset.json or train.jsonl (and test_dataset.json or "
+                                        "test.jsonl/eval.jsonl), a datasets save_to_disk folder, or one .json/.jsonl/"
+                                        ".parquet file. Rows: messages, prompt/completion or text (TRL's shapes)."})
     max_seq_length: int | None = field(
         default=None, metadata={"help": "Legacy name of SFTConfig.max_length; used only if max_length is not given."})
     dtype: str | None = field(
@@ -88,38 +90,18 @@ def parse_args(argv: list[str]):
     return script_args, training_args
 
 
-def _messages_problem(msgs) -> str | None:
-    if msgs is None:
-        return "no 'messages'"
-    if not isinstance(msgs, list) or not msgs:
-        return "'messages' is not a non-empty list"
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-               for m in msgs):
-        return "a message without a string 'role' and 'content'"
-    return None
+def load_data(script_args, training_args):
+    """The training split (and the eval split when evaluation is on), every row checked against the shape of
+    the first: TRL's messages, prompt/completion (plain or conversational), text (``dataset_text_field``),
+    ... from a folder, a single .json/.jsonl/.parquet file or a ``save_to_disk`` folder
+    (see :mod:`orchestrator.worker.data`, which ``orchestrate validate`` reads too)."""
+    from orchestrator.worker.data import load
 
-
-def load_chat_dataset(path: Path):
-    """One chat JSON-lines file, checked up front so a bad row fails with its file and row."""
-    from datasets import load_dataset
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (dataset_path must hold {path.name})")
-    try:
-        ds = load_dataset("json", data_files=str(path), split="train")
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: cannot be read as JSON lines ({type(e).__name__}: {e})") from e
-    if "messages" not in ds.column_names:
-        raise ValueError(f"{path}: no 'messages' field in any row (fields: {ds.column_names}); expected one "
-                         'chat per line: {"messages": [{"role": "user", "content": "..."}, ...]}')
-    bad = [(i + 1, why) for i, msgs in enumerate(ds["messages"]) if (why := _messages_problem(msgs))]
-    if bad:
-        shown = "; ".join(f"line {n}: {why}" for n, why in bad[:5])
-        raise ValueError(f"{path}: {len(bad)} bad row(s) ({shown}{'; ...' if len(bad) > 5 else ''}); expected "
-                         'one chat per line: {"messages": [{"role": "user", "content": "..."}, ...]}')
-    if len(ds) == 0:
-        raise ValueError(f"{path}: no rows")
-    return ds
+    loaded = load(script_args.dataset_path, training_args.dataset_text_field or "text",
+                  want_eval=training_args.eval_strategy != "no")
+    if env_rank() == 0:
+        print(f"[orchestrate] data: {loaded.description}", file=sys.stderr, flush=True)
+    return loaded.train, loaded.eval
 
 
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -166,10 +148,11 @@ def record_final_logits(trainer, wenv) -> None:
 
 
 def run(argv: list[str], att: WorkerRun) -> int:
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
     from trl import SFTTrainer
 
     from orchestrator.worker.cpu_fsdp import check_cpu_fsdp_args, enable_fsdp_on_cpu, fsdp_requested
+    from orchestrator.worker.model_check import load_tokenizer
 
     script_args, training_args = parse_args(argv)
     att.training_args = training_args
@@ -189,14 +172,8 @@ def run(argv: list[str], att: WorkerRun) -> int:
         enable_fsdp_on_cpu()
 
     heartbeat.phase("loading")
-    tokenizer = AutoTokenizer.from_pretrained(script_args.model_id)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    data = Path(script_args.dataset_path)
-    train_ds = load_chat_dataset(data / "train_dataset.json")
-    eval_ds = None
-    if training_args.eval_strategy != "no" and (data / "test_dataset.json").is_file():
-        eval_ds = load_chat_dataset(data / "test_dataset.json")
+    tokenizer = load_tokenizer(script_args.model_id)   # pad = eos where it has none; checked against the model
+    train_ds, eval_ds = load_data(script_args, training_args)
     model = load_model(script_args.model_id, training_args, script_args.dtype, script_args.attn_implementation)
 
     tokens_base = tokens_at_checkpoint(resume)

@@ -49,6 +49,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import goodput_report
 import psutil
 import yaml
 
@@ -83,6 +84,7 @@ class Result:
     violations: list[str] = field(default_factory=list)
     seconds: float = 0.0
     note: str = ""
+    goodput: dict | None = None      # status --json "goodput" at the end (issue 20)
 
     @property
     def survived(self) -> int:
@@ -602,6 +604,7 @@ class Scenario:
                 self.result.violations.append(f"cancelled job turned {again.get('state')}")
         self.result.state = job.get("state", "")
         self.result.attempts = [a["failure"] for a in job.get("attempts", [])]
+        self.result.goodput = job.get("goodput")
         return job
 
     def cleanup(self) -> None:
@@ -697,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         results = replay([(int(r.split(":")[0]), r.split(":")[1]) for r in args.replay])
     else:
         results = campaign(args.n, args.seed, kinds)
-    s = {**summary(results), "seconds": round(time.monotonic() - t0)}
+    s = {**summary(results), "seconds": round(time.monotonic() - t0),
+         "goodput": goodput_report.distribution([r.goodput for r in results])}
     print(json.dumps(s, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": s, "results": [asdict(r) for r in results]}, indent=1))

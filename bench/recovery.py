@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import goodput_report
 import yaml
 
 from orchestrator.backends.processes import rank_pids
@@ -112,7 +113,7 @@ def run_fault(fault: str, tmp: Path, assets: Path) -> dict:
             "failures": [a["failure"] for a in final["attempts"]],
             "recovery_s": round(second[0]["time"] - t_fault, 1) if second else None,
             "steps_redone": max(0, last_before - resumed_step), "resumed_from_step": resumed_step,
-            "last_step_before_fault": last_before}
+            "last_step_before_fault": last_before, "goodput": final.get("goodput")}
 
 
 def main() -> int:
@@ -131,6 +132,7 @@ def main() -> int:
     for r in rows:
         print(f"| ({r['fault']}) {r['what']} | {' -> '.join(r['failures'])} | {r['recovery_s']} s | "
               f"{r['steps_redone']} (of {r['last_step_before_fault']}) | step {r['resumed_from_step']} |")
+    print("\n" + goodput_report.fault_table(rows))   # issue 20: each fault's goodput and lost progress
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

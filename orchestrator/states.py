@@ -12,6 +12,7 @@ import enum
 class JobState(str, enum.Enum):
     """Lifecycle of a job as the ledger records it."""
 
+    QUEUED = "QUEUED"        # a job of a sweep waiting on this machine for a free slot (GPUs/CPU ranks)
     PENDING = "PENDING"      # submitted, no attempt started yet
     RUNNING = "RUNNING"      # an attempt is running
     RESUMING = "RESUMING"    # an attempt ended; the supervisor is about to start the next

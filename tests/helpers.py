@@ -45,6 +45,19 @@ def make_demo_workdir(root: Path) -> Path:
     return root
 
 
+def fake_hub_cache(root: Path, configs: dict[str, dict]) -> Path:
+    """A Hugging Face hub cache holding only ``config.json`` of each ``{repo_id: config}`` (as after
+    ``hf download REPO config.json``): what validation needs to find a Hub id offline. Point HF_HUB_CACHE at it."""
+    for repo_id, config in configs.items():
+        repo = root / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+        (snapshot / "config.json").write_text(json.dumps(config))
+    return root
+
+
 def model_of(cfg: JobConfig) -> tuple:
     """What ``make_plan(model=...)`` gets from the loader for ``cfg`` (the plan itself reads nothing)."""
     return read_model_shape(cfg.training.get("model_id"))

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import BASE_YAML, REPO, make_demo_workdir, shipped_configs, write_config
+from helpers import BASE_YAML, REPO, fake_hub_cache, make_demo_workdir, shipped_configs, write_config
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.plan.prepare import prepare
@@ -20,14 +20,15 @@ def workdir(tmp_path: Path) -> Path:
     return make_demo_workdir(tmp_path / "work")
 
 
-def load(workdir: Path, text: str, base: str = BASE_YAML):
-    """Load ``base`` + ``text`` from a config file in ``workdir``; relative paths resolve there."""
-    return load_config(write_config(workdir / "job.yaml", base + text), cwd=workdir)
+def load(workdir: Path, text: str, base: str = BASE_YAML, inspect=None):
+    """Load ``base`` + ``text`` from a config file in ``workdir``; relative paths resolve there. ``inspect``:
+    the input check validate passes (plan.inputs.inspect_inputs: reads the data and the model)."""
+    return load_config(write_config(workdir / "job.yaml", base + text), cwd=workdir, inspect=inspect)
 
 
-def problems_of(workdir: Path, text: str, base: str = BASE_YAML) -> list[str]:
+def problems_of(workdir: Path, text: str, base: str = BASE_YAML, inspect=None) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        load(workdir, text, base)
+        load(workdir, text, base, inspect)
     return info.value.problems
 
 
@@ -77,16 +78,21 @@ def test_max_steps_zero_is_out_of_range(workdir):
 
 
 def test_missing_data_set_file(workdir):
+    from orchestrator.plan.inputs import inspect_inputs
+
     (workdir / "empty").mkdir()
     base = BASE_YAML.replace(".demo/data", "./empty")
-    missing = workdir / "empty" / "train_dataset.json"
-    assert problems_of(workdir, "", base) == [
-        f"dataset_path: {missing} does not exist (the worker reads train_dataset.json)"]
+    assert problems_of(workdir, "", base, inspect=inspect_inputs) == [
+        f"dataset_path: {workdir / 'empty'} holds no training data: expected one of train_dataset.json, "
+        "train_dataset.jsonl, train.jsonl, train.json, train.parquet there, a datasets save_to_disk folder, or "
+        "dataset_path naming a .json/.jsonl/.parquet file"]
 
 
 def test_missing_data_set_folder(workdir):
     base = BASE_YAML.replace(".demo/data", "./nodata")
-    assert problems_of(workdir, "", base) == [f"dataset_path: folder {workdir / 'nodata'} does not exist"]
+    assert problems_of(workdir, "", base) == [
+        f"dataset_path: {workdir / 'nodata'} does not exist (a folder with train_dataset.json or train.jsonl, a "
+        "datasets save_to_disk folder, or a .json/.jsonl/.parquet file)"]
 
 
 def test_missing_model_folder(workdir):
@@ -190,9 +196,12 @@ def test_fsdp1_only_keys_under_fsdp2_give_a_notice(workdir):
 
 
 def test_fsdp_string_with_fsdp_config_file_is_left_to_transformers(workdir):
+    (workdir / "fsdp.json").write_text('{"reshard_after_forward": true}')
     cfg = load(workdir, 'fsdp: "full_shard auto_wrap"\nfsdp_config: fsdp.json\n')
     assert cfg.training["fsdp"] == "full_shard auto_wrap"
-    assert cfg.training["fsdp_config"] == "fsdp.json"
+    assert cfg.training["fsdp_config"] == str(workdir / "fsdp.json")   # made absolute, like every path
+    assert problems_of(workdir, 'fsdp: "full_shard auto_wrap"\nfsdp_config: nofile.json\n') == [
+        f"fsdp_config: {workdir / 'nofile.json'} does not exist (a JSON file of FSDP settings, or a mapping)"]
 
 
 # --- launch: --------------------------------------------------------------------------------------
@@ -380,10 +389,16 @@ def test_configs_dir_is_not_empty():
 
 @pytest.mark.parametrize("topo", TOPOLOGIES.values(), ids=TOPOLOGIES.keys())
 @pytest.mark.parametrize("config", shipped_configs(), ids=lambda p: p.name)
-def test_every_shipped_config_validates_and_plans(config, topo, tmp_path):
+def test_every_shipped_config_validates_and_plans(config, topo, tmp_path, monkeypatch):
+    from orchestrator.plan.inputs import KNOWN_MODELS, inspect_inputs
+
     workdir = make_demo_workdir(tmp_path / "work")
     home = tmp_path / "home"
-    cfg = load_config(config, cwd=workdir)
+    # The Hub models the configs name, as if downloaded (validation names a Hub id it cannot resolve).
+    hub = {repo: {"model_type": "llama", **shape} for repo, shape in KNOWN_MODELS.items()}
+    monkeypatch.setenv("HF_HUB_CACHE", str(fake_hub_cache(tmp_path / "hub", hub)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(config, cwd=workdir, inspect=inspect_inputs)
     cfg2, plan = prepare(str(config), home=home, topology=topo, cwd=str(workdir), job_id="cfg-test")
     assert cfg2 == cfg
     assert plan.world_size >= 1

@@ -170,8 +170,11 @@ def test_g_user_error_fails_once_and_names_the_cause(tmp_path, demo_assets):
     home = tmp_path / "home"
     data = tmp_path / "bad-data"
     data.mkdir()
-    rows = (demo_assets / "data" / "train_dataset.json").read_text().splitlines()[:20]
-    rows[7] = json.dumps({"text": "a row without messages"})
+    from orchestrator.worker.data import PEEK_ROWS
+
+    # beyond the rows validate reads (those would stop the submit with exit 2): only the worker sees it
+    rows = (demo_assets / "data" / "train_dataset.json").read_text().splitlines()[:PEEK_ROWS + 20]
+    rows[PEEK_ROWS + 7] = json.dumps({"text": "a row without messages"})
     (data / "train_dataset.json").write_text("\n".join(rows) + "\n")
     cfg = _config(tmp_path, demo_assets, dataset_path=str(data))
     r = orch(home, "submit", str(cfg), cwd=tmp_path, timeout=300)

@@ -179,6 +179,31 @@ def spawn_supervisor(job_id: str, home: Path, run_dir: Path, resume: bool = Fals
     return proc.pid
 
 
+def spawn_module(python: str, module: str, args: list[str], log: Path, env: dict | None = None) -> int:
+    """Start ``python -m module args`` in a session of its own that outlives its parent (output to ``log``),
+    without the job tag (it is never taken for one of the job's processes); return its PID."""
+    full = {**os.environ, **(env or {})}
+    full.pop(channel.ENV_JOB_ID, None)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([python, "-m", module, *args], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, env=full)
+    return proc.pid
+
+
+def run_command(argv: list[str], stdin_text: str, timeout_s: float, env: dict | None = None) -> tuple[int, str]:
+    """Run a user's command (an argv list, never a shell) with ``stdin_text`` on its stdin, to its end or
+    ``timeout_s``; ``(exit code, its output's last lines)``, 124 on timeout, 127 if it cannot start."""
+    full = {**os.environ, **(env or {})}
+    full.pop(channel.ENV_JOB_ID, None)
+    try:
+        r = subprocess.run(argv, input=stdin_text, capture_output=True, text=True, timeout=timeout_s, env=full)
+    except subprocess.TimeoutExpired:
+        return 124, f"timed out after {timeout_s:.0f} s"
+    except OSError as exc:
+        return 127, str(exc)
+    return r.returncode, "\n".join((r.stdout + r.stderr).strip().splitlines()[-5:])
+
+
 def run_module(python: str, module: str, args: list[str], timeout_s: float = 600.0,
                env: dict | None = None) -> tuple[int, str, str]:
     """Run ``python -m module args`` to its end (a check the orchestrator must not do in-process, e.g. one

@@ -14,7 +14,13 @@ from .parser import build_parser
 
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; return the exit status (0 completed, 1 failed, 2 bad input, 130 cancelled)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE may come after options too (`submit cfg.yaml --detach lr=1e-5`): argparse leaves those over
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from ..store.private import private_umask
 
     private_umask()   # issue 17: what orchestrate and the jobs it starts create is the user's alone
@@ -56,7 +62,7 @@ def _warn_unsupervised(verb: str, named: str | None) -> None:
     if not (home / "runs").is_dir():
         return
     try:
-        jobs = Ledger.for_home(home).jobs([JobState.PENDING, JobState.RUNNING, JobState.RESUMING])
+        jobs = Ledger.for_home(home).jobs([JobState.QUEUED, JobState.PENDING, JobState.RUNNING, JobState.RESUMING])
     except Exception:  # noqa: BLE001 - a warning must never stop the verb itself
         return
     said = {}

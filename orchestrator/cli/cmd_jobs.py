@@ -7,18 +7,34 @@ from ..errors import JobError
 from .common import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, print_notices
 
 
+def overrides_of(args) -> list:
+    """The ``KEY=VALUE`` arguments (issue 19); bad ones are a ConfigError (exit 2) naming each."""
+    from ..config import ConfigError
+    from ..config.overrides import parse_overrides
+
+    overrides, problems = parse_overrides(list(getattr(args, "overrides", None) or []))
+    if problems:
+        raise ConfigError(args.config, problems)
+    return overrides
+
+
 def validate(args) -> int:
-    """``orchestrate validate CONFIG``: check and plan, start nothing."""
+    """``orchestrate validate CONFIG [KEY=VALUE ...] [--sweep ...]``: check and plan, start nothing."""
     from ..plan.prepare import prepare
 
-    cfg, plan = prepare(args.config, script=args.script)
-    _check_output_dir(cfg, plan)    # what submit would refuse, validate refuses too
+    if args.sweep:
+        from .cmd_group import sweep
+
+        return sweep(args, overrides_of(args), validate_only=True)
+    cfg, plan = prepare(args.config, script=args.script, overrides=overrides_of(args))
+    check_output_dir(cfg, plan)    # what submit would refuse, validate refuses too
     print_notices(plan.notices)
-    print(f"{args.config}: OK ({plan.device}, {plan.world_size} process(es), {plan.distributed})")
+    print(f"{args.config}: OK ({plan.device}, {plan.world_size} process(es), {plan.distributed})"
+          + (f" with {' '.join(plan.overrides)}" if plan.overrides else ""))
     return EXIT_OK
 
 
-def _as_if(args):
+def as_if(args):
     """``--gpus N [--gpu-memory GIB]``: this machine's CPUs with N GPUs of that memory (None: detect)."""
     if args.gpus is None:
         if args.gpu_memory is not None:
@@ -35,7 +51,7 @@ def _as_if(args):
                     gpu_memory_gib=args.gpu_memory if args.gpus else None)
 
 
-def _check_output_dir(cfg, plan) -> None:
+def check_output_dir(cfg, plan) -> None:
     """An output_dir holding another job's (or anybody's) checkpoints is refused before anything starts."""
     from ..store.jobs import open_ledger
     from ..store.paths import orchestrate_home
@@ -56,8 +72,15 @@ def submit(args) -> int:
     if (args.gpus is not None or args.gpu_memory is not None) and not args.dry_run:
         raise JobError("--gpus/--gpu-memory preview a plan: use them with --dry-run (a real job plans on the GPUs "
                        "it finds)")
-    cfg, plan = prepare(args.config, backend=args.backend, script=args.script, topology=_as_if(args))
-    _check_output_dir(cfg, plan)
+    if args.sweep:   # issue 19: one job per point, as a group
+        from .cmd_group import sweep
+
+        return sweep(args, overrides_of(args))
+    if args.max_parallel is not None:
+        raise JobError("--max-parallel: only with --sweep (how many jobs of the group run at once)")
+    cfg, plan = prepare(args.config, backend=args.backend, script=args.script, topology=as_if(args),
+                        overrides=overrides_of(args))
+    check_output_dir(cfg, plan)
     if args.dry_run:
         print(describe_plan(plan), end="")
         return EXIT_OK
@@ -185,6 +208,10 @@ def cancel(args) -> int:
     from ..store.jobs import open_ledger, resolve_job
     from ..supervise.control import cancel as cancel_job
 
+    if args.group or not args.job:
+        from .cmd_group import cancel_group
+
+        return cancel_group(args)
     ledger = open_ledger()
     job = resolve_job(ledger, args.job)
     left = cancel_job(ledger, job)

@@ -18,6 +18,10 @@ def list_jobs(args) -> int:
     except ValueError:
         print(f"error: --state must be one of {[s.value for s in JobState]}", file=sys.stderr)
         return EXIT_USAGE
+    if args.group:   # issue 19: one sweep's jobs
+        from .cmd_group import list_group
+
+        return list_group(args, states)
     jobs = open_ledger().jobs(states or None)
     if args.json:
         print(json.dumps([j.to_json() for j in jobs], indent=1, sort_keys=True))
@@ -34,6 +38,13 @@ def status(args) -> int:
     from ..dashboard.render import detail_frame, snapshot_json, status_frame
     from ..store.jobs import open_ledger, resolve_job
 
+    if args.group:   # issue 19: a sweep as one table
+        if args.job:
+            print("error: status: give JOB or --group G, not both", file=sys.stderr)
+            return EXIT_USAGE
+        from .cmd_group import status_group
+
+        return status_group(args)
     ledger = open_ledger()
     job = resolve_job(ledger, args.job) if args.job else None
     if not args.once and not args.json and sys.stdout.isatty():

@@ -11,7 +11,13 @@ CANCELS the job (every process of it is ended), as the top line of the view says
 Use --detach to hand the job to a background supervisor that survives the
 terminal: it prints only the job id; watch it with `orchestrate status JOB` or
 `orchestrate logs JOB -f` (Ctrl-C there only leaves the view).
-Exit status: 0 completed, 1 failed, 2 bad config or usage, 130 cancelled."""
+Exit status: 0 completed, 1 failed, 2 bad config or usage, 130 cancelled.
+
+KEY=VALUE after CONFIG sets a key of the config for this job (learning_rate=1e-5,
+launch.nproc_per_node=1, fsdp_config.cpu_offload=true); values are read as YAML.
+--sweep KEY=V1,V2 (repeatable: every combination) submits one job per point, each
+with its own output_dir (<output_dir>/lr-1e-5), as one group: on this machine the
+jobs wait QUEUED for free GPUs (or CPU cores) and start as earlier ones end."""
 
 STATUS_HELP = """\
 Without JOB: every job in the ledger (state, attempt n/budget, progress, loss and
@@ -35,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="validate, plan and run a training config",
                        description=SUBMIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("config")
+    _add_overrides(s)
     s.add_argument("--dry-run", action="store_true", help="print the plan (command, env, paths) and start nothing")
-    s.add_argument("--detach", action="store_true", help="supervise in the background; print only the job id")
+    s.add_argument("--detach", action="store_true", help="supervise in the background; print only the job id "
+                   "(with --sweep: each job's id on its own line)")
+    s.add_argument("--max-parallel", type=int, metavar="N", help="with --sweep: run at most N jobs of the group at "
+                   "once on this machine (default: what its GPUs, or CPU cores, hold side by side)")
     s.add_argument("--backend", choices=["local", "slurm"], help="override launch.backend of the config")
     s.add_argument("--gpus", type=int, metavar="N", help="with --dry-run: plan as on a machine with N GPUs "
                    "(e.g. a cluster node, from a laptop or a login node without GPUs)")
@@ -51,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and report every problem at once. Exit status 0 valid, 2 invalid; nothing is started "
                        "or written.")
     v.add_argument("config")
+    _add_overrides(v)
     v.add_argument("--script", metavar="TRAIN.PY", help="validate for your own training script (launch.script)")
 
     ls = sub.add_parser("list", help="jobs in the ledger, newest first",
@@ -58,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "host's index of the run directories, fast for any number of jobs.")
     ls.add_argument("--state", action="append", help="only jobs in this state (repeatable; RUNNING, FAILED, ...)")
     ls.add_argument("--json", action="store_true", help="every job's ledger record as JSON")
+    ls.add_argument("--group", metavar="G", help="only the jobs of sweep group G (an id or a unique prefix)")
 
     st = sub.add_parser("status", help="live view of all jobs, or of one job in detail",
                         description=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("job", nargs="?")
+    st.add_argument("--group", metavar="G", help="a sweep's jobs as one table: each point's keys, state, step, last "
+                    "and best eval loss, best first (--json: the same as data)")
     st.add_argument("--once", action="store_true", help="print one frame and exit (the default without a terminal)")
     st.add_argument("--json", action="store_true", help="machine-readable output (one frame)")
     st.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between frames (default 1)")
@@ -70,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Ask the job's supervisor to end it (or act directly if none is alive, or "
                        "scancel a SLURM job still waiting in the queue), then check that no process of the job "
                        "is left. Checkpoints stay; `orchestrate resume JOB` continues a cancelled job.")
-    c.add_argument("job")
+    c.add_argument("job", nargs="?")
+    c.add_argument("--group", metavar="G", help="cancel every job of sweep group G that has not ended (queued "
+                   "ones first, so that none starts)")
 
     ck = sub.add_parser("checkpoint", help="save a running job's checkpoint now; print its path when complete",
                         description="Ask a running job to save a checkpoint at its next step boundary (every "
@@ -126,3 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", default=".demo", help="where to write them (default: .demo)")
     d.add_argument("--force", action="store_true", help="rebuild the assets even if --dir already has them")
     return p
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="set a key of the config for this job; "
+                   "dotted keys reach sections (launch.nproc_per_node=1); values are read as YAML")
+    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...", help="one job per value (repeat for "
+                   "a grid of every combination), submitted as one group")

@@ -60,6 +60,7 @@ class LaunchSettings:
     performance: PerformanceSettings = field(default_factory=PerformanceSettings)  # issue 6 (performance.py)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)     # issue 12 (checkpoint.py)
     script: str | None = None      # issue 13: the user's own training script instead of train_worker.py
+    notify: Mapping[str, Any] = field(default_factory=dict)  # issue 19: who hears when the job ends (notify.py)
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
@@ -114,6 +115,11 @@ def parse_launch(raw: Any) -> tuple[LaunchSettings, list[str]]:
     # issue 6: fast defaults and their switches (config/performance.py, plan/performance.py)
     values["performance"], perf_problems = parse_performance(raw.get("performance"))
     problems += perf_problems
+    # issue 19: a command and/or a webhook when the job ends (config/notify.py)
+    from .notify import parse_notify
+
+    values["notify"], notify_problems = parse_notify(raw.get("notify"))
+    problems += notify_problems
     return LaunchSettings(**values), problems
 
 

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -19,6 +19,7 @@ from .checkpoint import parse_checkpoint
 from .errors import ConfigError
 from .integrations import check_report_to
 from .launch import LaunchSettings, parse_launch
+from .overrides import Override, apply_overrides
 from .renames import FSDP1_ONLY_KEYS, translate
 
 DATASET_FILE = "train_dataset.json"
@@ -61,17 +62,28 @@ class JobConfig:
         return self.launch.name or self.source.stem
 
 
-def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None, script: str | None = None) -> JobConfig:
+# Reads the data and the model as the worker will: (training keys) -> (notices, problems). The plan layer
+# passes :func:`orchestrator.plan.inputs.inspect_inputs`; the config layer itself reads no data or model.
+InputCheck = Callable[[dict[str, Any]], tuple[list[str], list[str]]]
+
+
+def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None, script: str | None = None,
+                overrides: Sequence[Override] = (), inspect: InputCheck | None = None) -> JobConfig:
     """Read and validate ``path``. Relative paths in it resolve against ``cwd``, as torchrun would.
 
     ``script`` (``submit --script``) replaces ``launch.script``: the user's own training script runs
     instead of ``train_worker.py``; keys the schema does not know are then left to it (one notice).
+    ``overrides`` (``KEY=VALUE`` on the command line, :mod:`.overrides`) are set before validation.
+    ``inspect`` reads the data and the model (``validate``/``submit`` pass it); its problems join the rest.
+    The training keys are also built into the real ``SFTConfig`` (:mod:`.training_args`) once their names,
+    types and ranges are right.
     """
     source = Path(path)
     cwd = Path(cwd or os.getcwd())
-    raw = _read_yaml(source)
+    raw, override_problems = apply_overrides(_read_yaml(source), list(overrides))
     launch_raw = raw.pop("launch", None)
     launch, problems = parse_launch(launch_raw)
+    problems = override_problems + problems
     if script:
         launch = dataclasses.replace(launch, script=script)
     if launch.script:
@@ -88,7 +100,8 @@ def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None, s
     training, type_notices, type_problems = _check_keys(training, leave_unknown=own)
     notices += type_notices
     problems += type_problems
-    problems += _check_ranges(training)
+    range_problems = _check_ranges(training)
+    problems += range_problems
     if not own:   # model_id/dataset_path are train_worker.py's arguments; a script has its own
         problems += _check_required(training)
     training, path_problems = _resolve_paths(training, cwd, own_script=own)
@@ -98,6 +111,16 @@ def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None, s
     fsdp_notices, fsdp_problems = _check_fsdp(training)
     notices += fsdp_notices
     problems += fsdp_problems
+    settled = not (rename_problems or type_problems or range_problems or fsdp_problems
+                   or any(p.startswith("fsdp_config:") for p in path_problems))
+    if not own and settled:   # else SFTConfig would only repeat what is already said
+        from .training_args import training_args_problems
+
+        problems += training_args_problems(training)
+    if inspect is not None and not own:
+        input_notices, input_problems = inspect(training)
+        notices += input_notices
+        problems += input_problems
     if problems:
         raise ConfigError(str(source), problems, notices)
     return JobConfig(source=source.absolute(), training=training, launch=launch, notices=tuple(notices))
@@ -197,10 +220,15 @@ def _resolve_paths(training: dict, cwd: Path, own_script: bool = False) -> tuple
     if isinstance(data, str) and data:
         p = (cwd / Path(data).expanduser()).absolute()
         out["dataset_path"] = str(p)
-        if not p.is_dir():
-            problems.append(f"dataset_path: folder {p} does not exist")
-        elif not (p / DATASET_FILE).is_file():
-            problems.append(f"dataset_path: {p / DATASET_FILE} does not exist (the worker reads {DATASET_FILE})")
+        if not p.exists():   # what a folder or file holds is read by the input check (worker/data.py)
+            problems.append(f"dataset_path: {p} does not exist (a folder with {DATASET_FILE} or train.jsonl, a "
+                            "datasets save_to_disk folder, or a .json/.jsonl/.parquet file)")
+    fsdp_file = training.get("fsdp_config")
+    if isinstance(fsdp_file, str) and fsdp_file.strip() and not fsdp_file.lstrip().startswith("{"):
+        p = (cwd / Path(fsdp_file).expanduser()).absolute()   # transformers reads it where the ranks run
+        out["fsdp_config"] = str(p)
+        if not p.is_file():
+            problems.append(f"fsdp_config: {p} does not exist (a JSON file of FSDP settings, or a mapping)")
     for key in ("output_dir", "resume_from_checkpoint"):
         value = training.get(key)
         if isinstance(value, str) and value:

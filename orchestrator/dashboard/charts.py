@@ -34,13 +34,17 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+EVAL_MARK = "●"
+
+
 def loss_chart(points: list[tuple[int, float]], width: int = 60, height: int = 8,
-               marks: tuple[int, ...] = ()) -> list[str]:
+               marks: tuple[int, ...] = (), overlay: list[tuple[int, float]] = ()) -> list[str]:
     """A bar chart of ``(step, value)`` points, ``height`` rows of unicode blocks plus an axis row.
 
     Columns are spread evenly over the step range (the newest value of a step wins, so a
     resumed attempt overwrites the steps it repeated). Non-finite values show as ``!``.
     ``marks`` are steps where an attempt started (resumed): ``┴`` on the axis under them.
+    ``overlay`` (eval loss) points are drawn as ``EVAL_MARK`` at their height, on the same scale.
     Returns the lines; empty when there is nothing to draw.
     """
     by_step: dict[int, float] = {}
@@ -70,23 +74,24 @@ def loss_chart(points: list[tuple[int, float]], width: int = 60, height: int = 8
     for k in range(1, ncols):      # a point spans the columns up to the next one
         if column[k] is None:
             column[k] = column[k - 1]
-    finite = [v for v in column if v is not None and math.isfinite(v)]
+    extra = [(col_of(min(max(s, lo_s), hi_s)), v) for s, v in overlay if math.isfinite(v)]
+    finite = [v for v in column if v is not None and math.isfinite(v)] + [v for _, v in extra]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     span = (hi - lo) or 1.0
-    levels = []
-    for v in column:
-        if v is None:
-            levels.append(0)
-        elif not math.isfinite(v):
-            levels.append(-1)
-        else:   # at least one eighth so the lowest value is still visible
-            levels.append(max(1, int(round((v - lo) / span * (height * 8 - 1))) + 1))
+
+    def level(v: float) -> int:   # at least one eighth so the lowest value is still visible
+        return max(1, int(round((v - lo) / span * (height * 8 - 1))) + 1)
+
+    levels = [0 if v is None else -1 if not math.isfinite(v) else level(v) for v in column]
+    dots = {c: (level(v) + 7) // 8 for c, v in extra}   # column -> the row (1 = bottom) of its point
     label_w = max(len(_fmt(hi)), len(_fmt(lo)))
     rows = []
     for r in range(height, 0, -1):
         cells = []
-        for lv in levels:
-            if lv < 0:
+        for c, lv in enumerate(levels):
+            if dots.get(c) == r:
+                cells.append(EVAL_MARK)
+            elif lv < 0:
                 cells.append("!" if r == height else " ")
             else:
                 cells.append(_EIGHTHS[min(8, max(0, lv - (r - 1) * 8))])

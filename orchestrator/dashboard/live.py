@@ -18,6 +18,7 @@ from rich.text import Text
 from ..store.ledger import Job, Ledger
 from ..store.paths import RunPaths
 from ..store.progress import ProgressFollower
+from .goodput_view import summary_line
 from .render import Snapshot, detail_frame, list_table, status_frame
 from .snapshots import SnapshotSource
 
@@ -165,10 +166,17 @@ class LiveView:
 def final_summary(snap) -> str:
     """What a user wants when a job ends: where it got, its loss, its model, and what to run next."""
     job, p = snap.job, snap.progress
+    ended = job.state.is_terminal
     lines = [f"{job.id}: {job.state.value} at step {job.step}/{job.max_steps or '?'}"
-             + (f", final loss {p.loss:.4f}" if isinstance(p.loss, (int, float)) else "")]
+             + (f", {'final ' if ended else ''}loss {p.loss:.4f}" if isinstance(p.loss, (int, float)) else "")]
+    if not ended:   # issue 19: handed to a background supervisor (the terminal closed): it goes on
+        lines.append(f"  still running, supervised in the background: orchestrate status {job.id}   |   "
+                     f"orchestrate logs {job.id} -f")
+        return "\n".join(lines)
     if job.final_model:
         lines.append(f"  model:       {job.final_model}  (AutoModelForCausalLM.from_pretrained loads it)")
+    if summary_line(snap.goodput):
+        lines.append(summary_line(snap.goodput))
     if job.state.value == "COMPLETED":
         lines.append(f"  next:        orchestrate status {job.id}   |   orchestrate report {job.id}   |   "
                      f"orchestrate export {job.id} --out DIR")

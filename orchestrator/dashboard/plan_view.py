@@ -29,6 +29,7 @@ def describe_plan(plan: LaunchPlan, attempt: int = 1) -> str:
         f"device          {plan.device}; nnodes {plan.nnodes}, nproc_per_node {plan.nproc_per_node}, "
         f"world size {plan.world_size}, distributed {plan.distributed}",
         f"workdir         {plan.workdir}",
+        *([f"overrides       {' '.join(plan.overrides)}   (KEY=VALUE of the command line)"] if plan.overrides else []),
         *command,
         "paths",
         f"  run dir         {paths.run_dir}",

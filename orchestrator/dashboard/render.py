@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -22,17 +23,21 @@ from ..store.ledger import Job
 from ..store.logs import FirstError
 from ..store.progress import ProgressState
 from .charts import bar, loss_chart, sparkline
-from .table import Col, FastTable
+from .goodput_view import detail_rows, eval_cell, eval_json, goodput_cell, loss_curve, only_shown_columns
+from .rows import end_reason, shown_name, steps_gained_text, steps_kept
+from .table import Banner, Col, FastTable
 
 __all__ = ["Snapshot", "STATE_STYLE", "sparkline", "fmt_duration", "jobs_table", "list_table", "job_detail",
            "status_frame", "detail_frame", "snapshot_json", "attempt_label", "attempt_budget", "order_for_status"]
 
 STATE_STYLE = {
-    JobState.PENDING: "yellow", JobState.RUNNING: "bold cyan", JobState.RESUMING: "bold yellow",
+    JobState.QUEUED: "blue", JobState.PENDING: "yellow", JobState.RUNNING: "bold cyan",
+    JobState.RESUMING: "bold yellow",
     JobState.COMPLETED: "bold green", JobState.FAILED: "bold red", JobState.CANCELLED: "magenta",
 }
 _BAR_STYLE = {JobState.COMPLETED: "green", JobState.FAILED: "red", JobState.CANCELLED: "magenta",
-              JobState.RESUMING: "yellow", JobState.PENDING: "yellow", JobState.RUNNING: "cyan"}
+              JobState.RESUMING: "yellow", JobState.PENDING: "yellow", JobState.RUNNING: "cyan",
+              JobState.QUEUED: "blue"}
 _NOT_CHARGED = ("PREEMPTED",)   # graceful stops have a budget of their own (supervise/policy.py)
 
 
@@ -49,6 +54,8 @@ class Snapshot:
     log_dir: str | None = None                                    # rank logs of the latest attempt
     supervisor: SupervisorHealth | None = None                    # from the lease (read for unfinished jobs)
     heartbeat: Mapping[str, Any] | None = None                    # the latest attempt's heartbeat.json (phase)
+    overrides: tuple[str, ...] = ()                               # plan.json: KEY=VALUE of the command line
+    goodput: Mapping[str, Any] | None = None                      # store/goodput.py Account.to_json()
 
 
 def supervisor_gone(s: Snapshot) -> bool:
@@ -124,7 +131,9 @@ def _step(s: Snapshot) -> int:
 
 def _elapsed(s: Snapshot) -> float:
     end = s.job.updated if s.job.state.is_terminal else s.now
-    return max(0.0, end - s.job.created)
+    # a sweep's job counts from its first attempt: the time it waited QUEUED for its turn is not its own
+    start = s.job.attempts[0].started if s.job.group_id and s.job.attempts else s.job.created
+    return max(0.0, end - start)
 
 
 def _eta(s: Snapshot) -> float | None:
@@ -138,7 +147,8 @@ def order_for_status(snaps: list[Snapshot]) -> list[Snapshot]:
 
 _JOB_COLS = [Col("job", 0), Col("name", 9), Col("backend", 8), Col("state", 0), Col("att", 3, right=True),
              Col("progress", 5), Col("step", 0, right=True), Col("loss", 2, right=True), Col("trend", 7),
-             Col("tok/s", 4, right=True), Col("ETA", 3, right=True), Col("checkpoint", 6),
+             Col("eval", 6, right=True), Col("goodput", 5, right=True), Col("tok/s", 4, right=True),
+             Col("ETA", 3, right=True), Col("checkpoint", 6),
              Col("elapsed", 4, right=True), Col("last event", 10, flex=True)]
 
 
@@ -160,30 +170,43 @@ def _last_event(s: Snapshot):
     starting = _starting(s)
     if starting:
         return ((starting, "yellow"),)
-    return (((s.job.message or "").splitlines()[0] if s.job.message else "", "dim"),)
+    ended = s.job.state in (JobState.FAILED, JobState.CANCELLED)
+    return ((end_reason(s), _BAR_STYLE[s.job.state] if ended else "dim"),)
 
 
 def jobs_table(snaps: list[Snapshot], max_rows: int | None = None) -> FastTable:
-    """One row per job; columns that do not fit the width are dropped, least useful first."""
-    rows = []
+    """One row per job; columns that do not fit the width are dropped, least useful first. A FAILED or
+    CANCELLED row is in its state's colour; the jobs of a sweep stand together under their group's line."""
+    from .groups import block_header
+
+    rows: list = []
     shown = snaps if max_rows is None else snaps[:max(0, max_rows)]
-    for s in shown:
+    names = [shown_name(s) for s in shown]
+    twins = Counter(names)   # two jobs of one config: told apart by when they were submitted
+    for k, s in enumerate(shown):
         j, p = s.job, s.progress
+        if j.group_id and (k == 0 or shown[k - 1].job.group_id != j.group_id):
+            rows.append(Banner(block_header(j.group_id, [t for t in shown if t.job.group_id == j.group_id], s.now)))
         total = _total(s)
         done, rest = bar(min(_step(s), total) / total if total else 0.0, 12)
         ckpt = f"step {p.last_checkpoint_step}" if p.last_checkpoint_step is not None else "-"
+        ended = j.state in (JobState.FAILED, JobState.CANCELLED)
+        row_style = _BAR_STYLE[j.state] if ended else ""
+        name = names[k] + (time.strftime(" @%H:%M", time.localtime(j.created)) if twins[names[k]] > 1 else "")
         rows.append([
-            ((j.id, "bold"),), ((j.name, ""),), ((j.backend, ""),), ((j.state.value, STATE_STYLE[j.state]),),
+            (((" " if j.group_id else "") + j.id, f"bold {row_style}".strip()),), ((name, row_style),),
+            ((j.backend, ""),), ((j.state.value, STATE_STYLE[j.state]),),
             ((attempt_label(s), ""),), ((done, _BAR_STYLE[j.state]), (rest, "bright_black")),
-            ((f"{_step(s)}/{total or '?'}", ""),), ((_num(p.loss, ".4f"), ""),),
-            ((sparkline([v for _, v in p.losses], 16), "cyan"),), ((_num(p.tokens_per_s, ",.0f"), ""),),
+            ((f"{_step(s)}/{total or '?'}", row_style),), ((_num(p.loss, ".4f"), ""),),
+            ((sparkline([v for _, v in p.losses], 16), "bright_black" if ended else "cyan"),),
+            ((eval_cell(p), "magenta"),), ((goodput_cell(s.goodput), ""),), ((_num(p.tokens_per_s, ",.0f"), ""),),
             ((fmt_duration(_eta(s)), ""),), ((ckpt, "green" if ckpt != "-" else ""),),
             ((fmt_duration(_elapsed(s)), ""),), _last_event(s),
         ])
     more = len(snaps) - len(shown)
     footer = f"… {more} more job(s) not shown: orchestrate list" if more else \
         None if snaps else "no jobs yet: orchestrate submit CONFIG"
-    return FastTable(_JOB_COLS, rows, footer=footer)
+    return FastTable(*only_shown_columns(_JOB_COLS, rows, shown), footer=footer)
 
 
 _LIST_COLS = [Col("job", 0), Col("name", 6), Col("backend", 5), Col("state", 0), Col("attempts", 3, right=True),
@@ -219,7 +242,7 @@ def _attempts_table(s: Snapshot) -> Table:
         ("where",) if slurm else ()), "detail")
     for col in cols:
         att.add_column(col, overflow="fold" if col in ("detail", "where") else "ellipsis")
-    for a in s.job.attempts:
+    for k, a in enumerate(s.job.attempts):
         dur = (a.ended or s.now) - a.started
         err = s.errors.get(a.n)
         detail = (a.message or "").splitlines()[0] if a.message else (err.line() if err else "")
@@ -227,7 +250,7 @@ def _attempts_table(s: Snapshot) -> Table:
                        "cyan" if not a.failure else "yellow" if a.failure == "PREEMPTED" else "red")
         att.add_row(str(a.n), time.strftime("%H:%M:%S", time.localtime(a.started)), fmt_duration(dur),
                     "-" if a.exit_code is None else str(a.exit_code), failure,
-                    (a.resumed_from or "-").rsplit("/", 1)[-1], _num(a.steps_gained, "d"),
+                    (a.resumed_from or "-").rsplit("/", 1)[-1], steps_gained_text(s, k),
                     "-" if a.world_size is None else str(a.world_size), *((where_ran(a),) if slurm else ()), detail)
     return att
 
@@ -251,6 +274,8 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
                                        (sparkline([v for _, v in p.losses], 24), "cyan")))
     head.add_row("throughput", f"{_num(p.tokens_per_s, ',.0f')} tokens/s   ETA {fmt_duration(_eta(s))}   "
                                f"elapsed {fmt_duration(_elapsed(s))}")
+    for name, row in detail_rows(p, s.goodput):   # eval loss, goodput, step time (issues 16.2, 20)
+        head.add_row(name, row)
     mode = p.distributed_type or j.distributed_type or "-"
     if p.fsdp_version:
         mode += f" (FSDP{p.fsdp_version})"
@@ -264,6 +289,10 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
         head.add_row("phase", phase_text(s))
     if not j.state.is_terminal:
         head.add_row("supervisor", supervisor_line(s))
+    if s.overrides:
+        head.add_row("overrides", " ".join(s.overrides))
+    if j.group_id:
+        head.add_row("group", f"{j.group_id}   (orchestrate status --group {j.group_id})")
     head.add_row("run dir", j.run_dir)
     head.add_row("logs", f"orchestrate logs {j.id} -f" + (f"   ({s.log_dir})" if s.log_dir else ""))
     if j.message:
@@ -272,11 +301,9 @@ def job_detail(s: Snapshot, chart_width: int = 60, chart_height: int = 8) -> Gro
         head.add_row("notice", Text(notice, style="yellow"))
     parts: list = [head]
     chart = loss_chart(p.losses, width=max(10, chart_width), height=chart_height,
-                       marks=tuple(a.start_step for a in j.attempts[1:] if a.start_step is not None))
+                       marks=tuple(a.start_step for a in j.attempts[1:] if a.start_step is not None), overlay=p.evals)
     if len(p.losses) >= 2 and chart and chart_height >= 3:
-        parts.append(Text("\nloss" + ("   (┴ = an attempt resumed here)" if "┴" in chart[-2] else ""),
-                          style="bold"))
-        parts.append(Text("\n".join(chart), style="cyan", no_wrap=True, overflow="crop"))
+        parts += loss_curve(chart, bool(p.evals))
     if j.attempts:
         parts.append(Text(""))
         parts.append(_attempts_table(s))
@@ -312,7 +339,9 @@ def _summary(snaps: list[Snapshot], now: float) -> Text:
 
 def status_frame(snaps: list[Snapshot], now: float, max_rows: int | None = None, hint: str | None = None) -> Group:
     """The all-jobs view: a summary line, the table and an optional hint line."""
-    parts: list = [_summary(snaps, now), jobs_table(order_for_status(snaps), max_rows)]
+    from .groups import in_blocks
+
+    parts: list = [_summary(snaps, now), jobs_table(in_blocks(order_for_status(snaps)), max_rows)]
     if hint:
         parts.append(Text(hint, style="dim"))
     return Group(*parts)
@@ -328,7 +357,8 @@ def detail_frame(s: Snapshot, hint: str | None = None, width: int | None = None,
     if width is not None:
         chart_w = min(chart_w, width - 10)
     if height is not None:
-        rest = 15 + (2 if hint else 0) + 2 * len(s.errors) + (4 + len(s.job.attempts) if s.job.attempts else 0)
+        rest = 15 + (2 if hint else 0) + (2 if s.goodput else 0) + (1 if s.progress.last_eval else 0) \
+            + 2 * len(s.errors) + (4 + len(s.job.attempts) if s.job.attempts else 0)
         chart_h = min(chart_h, height - rest)
     detail = job_detail(s, chart_w, chart_h)
     return Group(Text(hint, style="bold yellow"), detail) if hint else detail
@@ -347,11 +377,15 @@ def snapshot_json(s: Snapshot, detail: bool = False) -> dict[str, Any]:
         distributed_type=p.distributed_type or j.distributed_type, fsdp_version=p.fsdp_version,
         world_size=p.world_size, log_dir=s.log_dir,
         supervisor=(s.supervisor or SupervisorHealth(alive=False)).to_json(),
-        notices=list(p.notices),
+        notices=list(p.notices), goodput=s.goodput, **eval_json(p),
         phase=(s.heartbeat or {}).get("phase") if not j.state.is_terminal else None,
         first_errors={str(n): {"rank": e.rank, "summary": e.summary, "step": e.step, "time": e.time,
                                "record": e.source} for n, e in s.errors.items()},
     )
+    data["overrides"] = list(s.overrides)
+    for k, a in enumerate(data["attempts"]):   # issue 19: steps trained after the point resumed from are lost
+        a["steps_kept"], a["steps_lost"] = steps_kept(s, k)
     if detail:
         data["losses"] = [[step, _clean(v)] for step, v in p.losses]
+        data["evals"] = [[step, _clean(v)] for step, v in p.evals]
     return data

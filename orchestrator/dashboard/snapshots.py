@@ -19,6 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
+from ..store.goodput_read import GoodputReader, read_final
 from ..store.lease import supervisor_health
 from ..store.ledger import Job, Ledger
 from ..store.logs import FirstError, first_error
@@ -29,17 +30,20 @@ from .render import Snapshot
 
 TAIL_BYTES = 8 * 1024        # ~25 records: the sparkline, the rate window, the last step
 CKPT_SCAN_BYTES = 4 << 20    # how far back to look for the last checkpoint record
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 FULL_REREAD_S = 30.0         # live views re-read the whole ledger this often ...
 SLACK_S = 10.0               # ... and in between the rows changed since the last frame minus this
 _KEEP_LOSSES = 16   # the table's sparkline
+_KEEP_EVALS = 64
+GOODPUT_REFRESH_S = 5.0   # a running job's account is recomputed at most this often (and 20x its cost)
+_SCAN_BACK = (b'"event": "checkpoint"', b'"event": "eval"')   # records the table needs even when older than the tail
 _STATE_FIELDS = [f.name for f in fields(ProgressState)]
 
 
 def tail_follower(path: Path, tail_bytes: int = TAIL_BYTES) -> ProgressFollower:
     """A follower positioned at the first whole line of the last ``tail_bytes`` of ``path``.
 
-    The last checkpoint record is looked up further back (bounded) if the tail has none.
+    The last checkpoint and eval records are looked up further back (bounded) if the tail has none.
     """
     follower = ProgressFollower(path)
     try:
@@ -52,18 +56,19 @@ def tail_follower(path: Path, tail_bytes: int = TAIL_BYTES) -> ProgressFollower:
         f.seek(size - tail_bytes - 1)
         chunk = f.read(tail_bytes + 1)
         follower.offset = size - tail_bytes + chunk.find(b"\n")   # just after the line that was cut
-        if chunk.rfind(b'"event": "checkpoint"') < 0:
-            _last_checkpoint(f, size - tail_bytes, follower)
+        for marker in _SCAN_BACK:
+            if chunk.rfind(marker) < 0:
+                _last_record(f, size - tail_bytes, follower, marker)
     return follower
 
 
-def _last_checkpoint(f, end: int, follower: ProgressFollower) -> None:
+def _last_record(f, end: int, follower: ProgressFollower, marker: bytes) -> None:
     pos = end
     while pos > 0 and end - pos < CKPT_SCAN_BYTES:
         start = max(0, pos - 256 * 1024)
         f.seek(start)
         chunk = f.read(pos - start + 1024)   # overlap: a record cut at the border
-        hit = chunk.rfind(b'"event": "checkpoint"')
+        hit = chunk.rfind(marker)
         if hit >= 0:
             line = chunk[chunk.rfind(b"\n", 0, hit) + 1:chunk.find(b"\n", hit) + 1]
             try:
@@ -77,6 +82,7 @@ def _last_checkpoint(f, end: int, follower: ProgressFollower) -> None:
 def _state_to_json(s: ProgressState) -> dict:
     d = {name: getattr(s, name) for name in _STATE_FIELDS}   # not asdict(): it deep-copies every loss
     d["losses"] = d["losses"][-_KEEP_LOSSES:]
+    d["evals"] = d["evals"][-_KEEP_EVALS:]
     return d
 
 
@@ -100,6 +106,8 @@ class SnapshotSource:
         self._done: dict[tuple[str, bool], ProgressState] = {}    # finished jobs: never read again
         self._plans: dict[str, list] = {}
         self._errors: dict[tuple[str, int], FirstError | None] = {}
+        self._goodput: dict[str, GoodputReader] = {}        # unfinished jobs: read on from where they were
+        self._goodput_last: dict[str, tuple[float, float, dict]] = {}   # job -> (when, cost s, account)
         self._jobs: dict[str, Job] | None = None
         self._full_at = self._since = 0.0
         self._snaps: dict[str, Snapshot] = {}
@@ -118,20 +126,25 @@ class SnapshotSource:
 
     def plan_info(self, job: Job) -> tuple[int | None, int | None]:
         """``(retry.max_restarts, max_steps)`` of the job's plan (read once: a plan never changes)."""
+        restarts, steps, _ = self._plan(job)
+        return restarts, steps
+
+    def _plan(self, job: Job) -> list:
+        """``[max_restarts, max_steps, overrides]`` of the job's plan, read once."""
         if job.id not in self._plans:
             cached = self._cache.get(job.id, {}).get("plan")
-            if cached is None:
+            if cached is None or len(cached) < 3:
                 plan = channel.read_json(RunPaths(Path(job.run_dir)).plan) or {}
                 restarts = (plan.get("retry") or {}).get("max_restarts")
                 steps = (plan.get("worker_config") or {}).get("max_steps")
                 cached = [restarts if isinstance(restarts, int) else None,
-                          steps if isinstance(steps, int) and steps > 0 else None]
+                          steps if isinstance(steps, int) and steps > 0 else None,
+                          [str(o) for o in plan.get("overrides") or []]]
                 if plan:
                     self._cache.setdefault(job.id, {})["plan"] = cached
                     self._dirty = True
             self._plans[job.id] = cached
-        restarts, steps = self._plans[job.id]
-        return restarts, steps
+        return self._plans[job.id]
 
     def _progress(self, job: Job, full: bool) -> ProgressState:
         key = (job.id, full)
@@ -159,6 +172,35 @@ class SnapshotSource:
                 self._dirty = True
         return follower.state
 
+    def goodput(self, job: Job, detail: bool = True) -> dict | None:
+        """The job's goodput account (``Account.to_json()``), recomputed at a bounded rate while it runs.
+
+        A finished job's comes from the cache or from the ``goodput.json`` its supervisor wrote at its
+        end; without either (a job that ended before there was one), only the detail view computes it
+        (then cached): the table of a thousand such jobs must not read every progress file.
+        """
+        if not job.state.is_terminal:
+            now, last = self.clock(), self._goodput_last.get(job.id)
+            if last is not None and now - last[0] < max(GOODPUT_REFRESH_S, 20 * last[1]):
+                return last[2]
+            reader = self._goodput.setdefault(job.id, GoodputReader(job.run_dir))
+            t0 = time.monotonic()
+            data = reader.account(job, now).to_json()
+            self._goodput_last[job.id] = (now, time.monotonic() - t0, data)
+            return data
+        self._goodput.pop(job.id, None)
+        self._goodput_last.pop(job.id, None)
+        entry = self._cache.setdefault(job.id, {})
+        if entry.get("goodput_key") != _cache_key(job) or "goodput" not in entry:
+            data = read_final(job) or (GoodputReader(job.run_dir).account(job).to_json() if detail else None)
+            if data is None:
+                return None
+            entry.update(goodput_key=_cache_key(job), goodput=data)
+            self._dirty = True
+            if detail:
+                self.save()   # status JOB computed it: the table finds it from now on
+        return entry["goodput"]
+
     def errors(self, job: Job) -> dict[int, FirstError]:
         """First error of each ended, failed attempt (read once per attempt)."""
         out = {}
@@ -174,7 +216,7 @@ class SnapshotSource:
 
     def snapshot(self, job: Job, detail: bool = False) -> Snapshot:
         """One job; ``detail`` reads its whole progress file (loss curve) and its errors."""
-        restarts, steps = self.plan_info(job)
+        restarts, steps, overrides = self._plan(job)
         log_dir = None
         if detail and job.attempts:
             log_dir = str(RunPaths(Path(job.run_dir)).rank_log_dir(job.attempts[-1].n))
@@ -184,7 +226,7 @@ class SnapshotSource:
             beat = read_heartbeat(RunPaths(Path(job.run_dir)).attempt_dir(job.attempts[-1].n))
         return Snapshot(job=job, progress=self._progress(job, detail), now=self.clock(), max_restarts=restarts,
                         planned_steps=steps, errors=self.errors(job) if detail else {}, log_dir=log_dir,
-                        supervisor=health, heartbeat=beat)
+                        supervisor=health, heartbeat=beat, overrides=tuple(overrides), goodput=self.goodput(job, detail))
 
     def _ledger_jobs(self, incremental: bool) -> list[Job]:
         now = self.clock()

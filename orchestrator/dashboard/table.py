@@ -34,12 +34,17 @@ def _width(text: str) -> int:
     return len(text) if text.isascii() else cell_len(text)
 
 
-class FastTable:
-    """Rows of cells under a bold header; see the module docstring."""
+class Banner(str):
+    """A row that is one line across the table (a group's head line, issue 19), cut to the width."""
 
-    def __init__(self, cols: list[Col], rows: list[list[Cell]], footer: str | None = None):
+
+class FastTable:
+    """Rows of cells under a bold header; see the module docstring. A :class:`Banner` row is one line."""
+
+    def __init__(self, cols: list[Col], rows: list[list[Cell] | Banner], footer: str | None = None):
         self.cols, self.rows, self.footer = cols, rows, footer
-        self.cell_widths = [[_width(cell[0][0]) if len(cell) == 1 else sum(_width(t) for t, _ in cell)
+        self.cell_widths = [[0] * len(cols) if isinstance(row, Banner) else
+                            [_width(cell[0][0]) if len(cell) == 1 else sum(_width(t) for t, _ in cell)
                              for cell in row] for row in rows]
         self.widths = [max([_width(c.name)] + [w[i] for w in self.cell_widths]) for i, c in enumerate(cols)]
 
@@ -95,6 +100,12 @@ class FastTable:
         header = [((c.name, "bold"),) for c in self.cols]
         yield from self._line(header, [_width(c.name) for c in self.cols], shown, plain)
         for row, widths in zip(self.rows, self.cell_widths):
+            if isinstance(row, Banner):
+                width = max(2, options.max_width)
+                text = row if _width(row) <= width else set_cell_size(row, width - 1) + "…"
+                yield Segment(text, None if plain else Style.parse("bold blue"))
+                yield Segment.line()
+                continue
             yield from self._line(row, widths, shown, plain)
         if self.footer:
             yield Segment(self.footer, None if plain else Style.parse("dim"))

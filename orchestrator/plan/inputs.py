@@ -78,3 +78,54 @@ def default_worker_script() -> str:
     if spec is None or not spec.origin:
         raise RuntimeError("train_worker.py is not installed; run 'pip install -e .' in the repository")
     return os.path.abspath(spec.origin)
+
+
+CONVERSATIONAL = ("messages", "conversations", "conversational_prompt_completion")
+
+
+def inspect_inputs(training: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(notices, problems)`` from reading the data and the model the way the worker will (``validate``,
+    ``submit``): the data's splits and row shape, a Hub id that cannot be resolved, the tokenizer against the
+    embeddings, the FSDP wrap classes. Paths are absolute here; a missing one was reported by the config."""
+    from ..worker import architecture, data, model_check
+
+    notices: list[str] = []
+    problems: list[str] = []
+    shape = None
+    dataset = training.get("dataset_path")
+    if isinstance(dataset, str) and Path(dataset).exists():
+        n, p, shape = data.validate(dataset, str(training.get("dataset_text_field") or "text"),
+                                    str(training.get("eval_strategy") or "no"))
+        notices += n
+        problems += p
+    if training.get("assistant_only_loss") and shape is not None and shape.name not in CONVERSATIONAL:
+        problems.append(f"assistant_only_loss: true needs conversational rows (messages), but the rows are "
+                        f"{shape.label}; set it false, or use messages rows")
+    model = training.get("model_id")
+    if not isinstance(model, str) or not model:
+        return notices, problems
+    if model.startswith("/") and not (Path(model) / "config.json").is_file():
+        return notices, problems          # a local folder the config already reported
+    folder, n, p = model_check.locate(model)
+    notices += n
+    problems += p
+    if folder is None:
+        return notices, problems
+    conversational = shape is not None and shape.name in CONVERSATIONAL
+    n, p = model_check.check_folder(folder, conversational=conversational,
+                                    chat_template_given=bool(training.get("chat_template_path")),
+                                    assistant_only=conversational and bool(training.get("assistant_only_loss")))
+    notices += n
+    problems += p
+    n, p = architecture.check_wrap(model_check.read_config(folder), training)
+    return notices + n, problems + p
+
+
+def read_model_config(model_id: str | None) -> dict[str, Any]:
+    """``config.json`` of a local folder or a cached Hub id ({} when there is none to read)."""
+    from ..worker import model_check
+
+    if not model_id:
+        return {}
+    folder = Path(model_id) if Path(model_id).is_dir() else model_check.cached_folder(model_id)
+    return model_check.read_config(folder) if folder is not None else {}

@@ -44,6 +44,10 @@ class LaunchPlan:
     # issue 6: the fast defaults chosen (performance.py) and the per-GPU memory estimate (memory.py)
     performance: Mapping[str, Any] = field(default_factory=dict)
     script: str | None = None        # issue 13: the user's own script, run by worker_script (the script runner)
+    # issue 19: KEY=VALUE given on the command line (a sweep point's keys among them), as typed; and
+    # launch.notify (config/notify.py), read when the job ends
+    overrides: tuple[str, ...] = field(default=())
+    notify: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def paths(self) -> RunPaths:
@@ -86,6 +90,8 @@ class LaunchPlan:
         d["worker_config"] = dict(self.worker_config)
         d["env"] = dict(self.env)
         d["notices"] = list(self.notices)
+        d["overrides"] = list(self.overrides)
+        d["notify"] = dict(self.notify)
         return d
 
     def to_json(self) -> str:
@@ -97,4 +103,5 @@ class LaunchPlan:
         d["retry"] = RetryPolicy(**d["retry"])
         d["watchdog"] = WatchdogPolicy(**d["watchdog"])
         d["notices"] = tuple(d.get("notices", ()))
+        d["overrides"] = tuple(d.get("overrides", ()))
         return cls(**d)

@@ -28,6 +28,11 @@ def choose_nproc(requested: int | str, topo: Topology, use_cpu: bool) -> tuple[i
             return requested, "cuda", notices, [
                 f"launch.nproc_per_node: {requested} processes but only {topo.gpus} GPU(s) are visible "
                 "(CUDA_VISIBLE_DEVICES honoured)"]
+        if requested < topo.gpus:   # issue 19: say so before GPUs sit idle for hours
+            idle = topo.gpus - requested
+            notices.append(f"launch.nproc_per_node: {requested} of {topo.gpus} GPUs used, {idle} would sit idle "
+                           f"(nproc_per_node: auto uses them all; a --sweep runs {topo.gpus // requested} jobs "
+                           "side by side)")
         return requested, "cuda", notices, []
     if requested == "auto":
         notices.append("no GPU visible: CPU plan with 1 process (set launch.nproc_per_node to run more)")
@@ -100,9 +105,8 @@ def make_plan(cfg: JobConfig, topo: Topology, *, job_id: str, home: Path, python
         if "state_dict_type" not in fc and nnodes * nproc > 1:
             # issue 12: every rank writes its own shard (DCP, in the background); nothing is gathered on
             # rank 0. A FULL state dict only when asked for (fsdp_config.state_dict_type: FULL_STATE_DICT).
+            # The default, not a notice (issue 19: nobody set it); --dry-run shows it in the worker config.
             fc["state_dict_type"] = "SHARDED_STATE_DICT"
-            notices.append("fsdp_config.state_dict_type: SHARDED_STATE_DICT (each rank writes its own shard, "
-                           "in the background; set FULL_STATE_DICT to gather every checkpoint on rank 0)")
         training["fsdp_config"] = fc
     every = cfg.launch.checkpoint
     if every.every_steps:
@@ -128,7 +132,7 @@ def make_plan(cfg: JobConfig, topo: Topology, *, job_id: str, home: Path, python
         run_dir=str(paths.run_dir), workdir=workdir, output_dir=training["output_dir"], worker_config=training,
         env=env, stop_signal=cfg.launch.stop_signal, retry=cfg.launch.retry,
         watchdog=cfg.launch.watchdog, notices=tuple(cfg.notices) + tuple(notices),
-        slurm=slurm, performance=performance, script=cfg.launch.script,
+        slurm=slurm, performance=performance, script=cfg.launch.script, notify=dict(cfg.launch.notify),
     )
 
 

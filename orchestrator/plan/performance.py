@@ -202,12 +202,17 @@ def plan_performance(training: dict[str, Any], settings: PerformanceSettings, *,
     elif model_shape is None or gpu_memory_gib is None:
         ckpt = True if ckpt is None else ckpt
         offload = False if offload is None else offload
-        missing = model_source if model_shape is None else "GPU memory unknown (set launch.performance.gpu_memory_gib)"
-        why_ckpt = f"no memory estimate ({missing}): kept on to be safe" if ckpt_source == "default" else "as set"
-        mem["verdict"] = "no estimate: " + missing
-        if model_shape is not None:
+        unknown = "GPU memory unknown (--gpu-memory GIB with --dry-run, or launch.performance.gpu_memory_gib)"
+        if model_shape is None:
+            why_ckpt = f"no memory estimate ({model_source}): kept on to be safe"
+            mem["verdict"] = "no estimate: " + model_source
+        else:   # issue 19: an estimate exists; what is missing is the GPU to hold it against
             est = memory.estimate(model_shape, replace(work, checkpointing=bool(ckpt), cpu_offload=bool(offload)))
             mem["estimate_gib"] = est.gib()
+            why_ckpt = f"on to be safe: whether the job fits without it is unknown, {unknown}"
+            mem["verdict"] = (f"{est.peak / memory.GiB:.2f} GiB peak per GPU with the choices above; not checked "
+                              f"against the GPU: {unknown}")
+        why_ckpt = why_ckpt if ckpt_source == "default" else "as set"
     else:
         choice = memory.choose(model_shape, work, gpu_memory_gib, grad_accum=accum, checkpointing=fixed_ckpt,
                                cpu_offload=fixed_offload, shrink_micro_batch=settings.micro_batch is not False,

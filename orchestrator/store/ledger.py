@@ -25,7 +25,7 @@ from .records import ATTEMPT_FIELDS, ENDED, JOB_FIELDS, RUNNING, STARTING, Attem
 
 # Where this host keeps its index, if not under the home (a home on a shared filesystem may want it on local disk).
 ENV_INDEX = "ORCHESTRATE_INDEX"
-INDEX_VERSION = 3          # the index is a cache: another version is dropped and rebuilt from the files
+INDEX_VERSION = 4          # the index is a cache: another version is dropped and rebuilt from the files
 _ATTEMPT_COLS = ", ".join(ATTEMPT_FIELDS)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs ({", ".join(JOB_FIELDS)}, file_mtime INTEGER, PRIMARY KEY (id));
@@ -101,12 +101,18 @@ class Ledger:
         ids = [r["id"] for r in rows]
         return [prefix] if prefix in ids else ids
 
-    def jobs(self, states: list[JobState] | None = None, limit: int | None = None) -> list[Job]:
-        """Jobs, newest first, with their attempts."""
-        sql, args = "SELECT * FROM jobs", []
+    def jobs(self, states: list[JobState] | None = None, limit: int | None = None,
+             group: str | None = None) -> list[Job]:
+        """Jobs, newest first, with their attempts (only those of sweep ``group``, if given)."""
+        sql, args, where = "SELECT * FROM jobs", [], []
         if states:
-            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            where.append(f"state IN ({','.join('?' * len(states))})")
             args = [s.value for s in states]
+        if group:
+            where.append("group_id = ?")
+            args.append(group)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created DESC"
         if limit:
             sql += f" LIMIT {int(limit)}"

@@ -1,6 +1,7 @@
 """Incremental, cheap reading of a job's progress file (shared by the supervisor and the dashboard)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,10 @@ class ProgressState:
     failed_saves: int = 0          # saves whose write failed (no marker: the previous checkpoint stays)
     attempt_records: int = 0      # records of the attempt being followed
     last_attempt: int | None = None
+    # contract 1 (TEAM.md): the worker's eval records
+    last_eval: dict | None = None  # the last evaluation: step, epoch, eval_loss, metrics (every one), eval_s
+    best_eval: dict | None = None  # the lowest eval_loss, same keys (a step evaluated again: its newest value)
+    evals: list[tuple[int, float]] = field(default_factory=list)   # (step, eval_loss), a step's newest last
     rate_start: tuple[float, int] | None = None   # (time, step) of the latest attempt's first log
     rate_end: tuple[float, int] | None = None
 
@@ -101,6 +106,39 @@ class ProgressFollower:
             s.last_save = {k: rec.get(k) for k in ("step", "save_s", "write_s", "async_write", "reason")}
         elif event == "checkpoint_failed":
             s.failed_saves += 1
+        elif event == "eval":
+            apply_eval(s, rec)
+
+
+def eval_loss(metrics: dict | None) -> float | None:
+    """``eval_loss``, or the first ``*_loss`` (several eval sets: ``eval_<name>_loss``)."""
+    metrics = metrics if isinstance(metrics, dict) else {}
+    value = metrics.get("eval_loss")
+    if not isinstance(value, (int, float)):
+        value = next((v for k, v in sorted(metrics.items()) if k.endswith("_loss") and isinstance(v, (int, float))),
+                     None)
+    return None if value is None or isinstance(value, bool) else float(value)
+
+
+def apply_eval(s: ProgressState, rec: dict) -> None:
+    """An ``eval`` record (contract 1 in TEAM.md) into the state: last, best, the curve."""
+    loss, step = eval_loss(rec.get("metrics")), rec.get("step")
+    s.last_eval = {"step": step, "epoch": rec.get("epoch"), "eval_loss": loss, "attempt": rec.get("attempt"),
+                   "time": rec.get("time"), "eval_s": rec.get("eval_s"), "metrics": dict(rec.get("metrics") or {})}
+    if loss is None or not isinstance(step, int):
+        return
+    redo = any(st == step for st, _ in s.evals)
+    s.evals = [(st, v) for st, v in s.evals if st != step] + [(step, loss)]
+    best = s.best_eval
+    if math.isfinite(loss) and (best is None or loss < best["eval_loss"] or best["step"] == step):
+        s.best_eval = s.last_eval
+    if redo:   # the step's earlier value may have been the best: look again (only the curve is kept)
+        finite = [(v, st) for st, v in s.evals if math.isfinite(v)]
+        if not finite:
+            s.best_eval = None
+        elif s.best_eval is None or s.best_eval["step"] != min(finite)[1]:
+            v, st = min(finite)
+            s.best_eval = {"step": st, "epoch": None, "eval_loss": v, "metrics": {"eval_loss": v}, "eval_s": None}
 
 
 def read_heartbeat(attempt_dir: Path) -> dict | None:

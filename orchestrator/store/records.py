@@ -81,6 +81,7 @@ class Job:
     fence: int = 0
     scheduler_job_id: str | None = None   # SLURM: the allocation the job has now (or waits for)
     final_model: str | None = None        # COMPLETED: the verified Hugging Face folder of the final weights
+    group_id: str | None = None           # issue 19: the sweep the job is a point of (store/groups.py)
     attempts: list[AttemptRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

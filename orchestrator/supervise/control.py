@@ -35,6 +35,7 @@ from ..store.paths import orchestrate_home
 from . import elsewhere
 from .adopt import attempt_handle
 from .jobs import load_plan
+from .notify import notify_end
 from .supervisor import Supervisor
 
 TAKEOVER_WAIT_S = 60.0
@@ -104,6 +105,11 @@ def supervise(ledger: Ledger, job: Job, lease: Lease, *, resume: bool = False, f
     if install_signals:
         install_signal_handlers(sup, foreground=foreground, log=Path(job.run_dir) / "supervisor.log",
                                 on_hangup=on_hangup)
+    from .queue import wait_turn
+
+    if not wait_turn(sup, ledger.get(job.id)):   # issue 19: a job of a local sweep waits QUEUED for its slot
+        ended = ledger.get(job.id)
+        return ended.state if ended.state.is_terminal else None
     if not resume:
         return sup.run()
     # An explicit resume overrides a cancel asked for before it (never one asked for after).
@@ -241,6 +247,7 @@ def _cancel_here(ledger: Ledger, job: Job, timeout_s: float = 90.0) -> None:
         kill_job_processes(job.id, grace_s=10.0)
         if not ledger.get(job.id).state.is_terminal:
             sup.write_job(state=JobState.CANCELLED, message="cancelled by the user", supervisor_pid=None)
+            notify_end(sup.plan, JobState.CANCELLED)   # issue 19: launch.notify, if it asks for CANCELLED
         requests.clear(job.run_dir, requests.CANCEL)
 
 

@@ -11,6 +11,7 @@ import yaml
 from ..config import ConfigError, JobConfig
 from ..errors import JobError
 from ..plan import LaunchPlan
+from ..store.lease import LeaseLost
 from ..store.ledger import Job, Ledger
 from ..store.paths import RunPaths
 from ..store.private import DIR_MODE, check_private_tree, ensure_private_dir, write_private
@@ -50,7 +51,13 @@ def create_job(cfg: JobConfig, plan: LaunchPlan, ledger: Ledger) -> Job:
     paths.run_dir.mkdir(mode=DIR_MODE, exist_ok=False)
     os.chmod(paths.run_dir, DIR_MODE)   # the job's controls (requests, lease, plan) are the owner's alone
     # launch.env may carry tokens: the copies are 0600 (plan.json too: write_json_atomic makes 0600 files)
-    write_private(paths.submitted_config, Path(cfg.source).read_text())
+    if plan.overrides:   # issue 19: the frozen config is the file with the command line's KEY=VALUE set
+        write_private(paths.submitted_config,
+                      f"# {cfg.source} with {' '.join(plan.overrides)} (orchestrate submit KEY=VALUE)\n"
+                      + yaml.safe_dump(_with_overrides(yaml.safe_load(Path(cfg.source).read_text()), plan),
+                                       sort_keys=False))
+    else:
+        write_private(paths.submitted_config, Path(cfg.source).read_text())
     write_private(paths.worker_config, yaml.safe_dump(dict(plan.worker_config), sort_keys=True))
     channel.write_json_atomic(paths.plan, plan.to_dict())
     ledger.create_job(job_id=plan.job_id, name=plan.name, backend=plan.backend, run_dir=plan.run_dir,
@@ -63,6 +70,22 @@ def create_job(cfg: JobConfig, plan: LaunchPlan, ledger: Ledger) -> Job:
 def fenced_plan(plan: LaunchPlan, gen: int) -> LaunchPlan:
     """``plan`` whose attempts carry lease generation ``gen`` to every rank (contract 2: the worker's fence)."""
     return replace(plan, env={**plan.env, channel.ENV_LEASE_GEN: str(gen)})
+
+
+def start_fenced(backend, plan: LaunchPlan, lease, attempt: int, resume_from: str | None):
+    """Start an attempt (its ranks get the lease generation), checking the lease just before and just after.
+
+    Before: a pause since the attempt was written ahead, and a successor may have found it never started.
+    After: a holder paused while starting ends what it started (the successor owns the job) and leaves.
+    """
+    lease.check()
+    handle = backend.start(fenced_plan(plan, lease.gen), attempt, resume_from)
+    try:
+        lease.check()
+    except LeaseLost:
+        backend.kill(handle, grace_s=3.0)
+        raise
+    return handle
 
 
 def load_plan(job: Job) -> LaunchPlan:
@@ -102,7 +125,16 @@ def config_changes(job: Job) -> list[str]:
         then = yaml.safe_load(paths.submitted_config.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return []
+    plan = channel.read_json(paths.plan) or {}
+    if plan.get("overrides") and isinstance(now, dict):   # they are in the frozen config, not edits of the file
+        now = _with_overrides(now, LaunchPlan.from_dict(plan))
     return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(_diff(then, now).items())]
+
+
+def _with_overrides(raw: dict, plan: LaunchPlan) -> dict:
+    from ..config.overrides import apply_overrides, parse_overrides
+
+    return apply_overrides(raw, parse_overrides(list(plan.overrides))[0])[0]
 
 
 def _diff(a, b, prefix: str = "") -> dict[str, tuple]:

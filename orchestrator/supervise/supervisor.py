@@ -23,12 +23,14 @@ from ..backends.base import AttemptHandle, Backend
 from ..plan import LaunchPlan
 from ..states import Failure, JobState
 from ..store import requests
+from ..store.goodput_read import keep_final_goodput
 from ..store.lease import Lease, LeaseLost
 from ..store.ledger import RUNNING, FencedOut, Ledger
 from ..store.progress import ProgressFollower, read_heartbeat
 from . import checkpoints, disk
 from .classify import Outcome, classify, job_state_after
-from .jobs import fenced_plan
+from .jobs import start_fenced
+from .notify import notify_end
 from .outcome import attempt_outcome, error_line
 from .policy import PastAttempt, decide
 from .watchdog import Watchdog
@@ -214,13 +216,7 @@ class Supervisor:
         self.lease.check()
         self.ledger.start_attempt(job_id, attempt, resumed_from=resume_from, start_step=start_step,
                                   fence=self.lease.gen)
-        self.lease.check()   # a pause since the write ahead: a successor may have found this attempt never started
-        handle = self.backend.start(fenced_plan(self.plan, self.lease.gen), attempt, resume_from)
-        try:
-            self.lease.check()
-        except LeaseLost:   # lost while starting (paused): the successor owns the job; end what was started
-            self.backend.kill(handle, grace_s=3.0)
-            raise
+        handle = start_fenced(self.backend, self.plan, self.lease, attempt, resume_from)
         self.write_attempt(attempt, **{"status": RUNNING, "pid": handle.pid or None, "pid_start": handle.pid_start,
                                        "host": handle.host, "external_id": handle.external_id,
                                        "world_size": self.plan.world_size, **self._facts(handle, attempt)})
@@ -286,9 +282,11 @@ class Supervisor:
 
     def _finish(self, state: JobState, message: str) -> JobState:
         self.write_job(state=state, message=message, supervisor_pid=None)
+        keep_final_goodput(self.ledger, self.plan.job_id)   # issue 20: the final account, for every view
         if state is JobState.CANCELLED:
             requests.clear(self.plan.run_dir, requests.CANCEL)
         self.on_event(f"job {state.value}: {message}")
+        notify_end(self.plan, state, self.on_event)   # issue 19: launch.notify, in a process of its own
         return state
 
     def _wait(self, seconds: float) -> None:

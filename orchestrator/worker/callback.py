@@ -25,6 +25,7 @@ from .heartbeat import Heartbeat
 from .sample_log import install_sample_log
 from .save_hooks import SaveHooks
 from .support import SaveFault, StopFlag, WorkerEnv, env_rank, env_world_size, maybe_inject_fault, write_error
+from .timing import RestoreTimer, StepClock, eval_fields
 
 
 def _process_start() -> float:
@@ -59,6 +60,7 @@ class OrchestrateCallback(TrainerCallback):
         self.every_s = float(os.environ.get(channel.ENV_SAVE_EVERY_S) or 0)
         self.last_save = time.monotonic()
         self.handled_request = 0.0
+        self.restore, self.steps = RestoreTimer(), StepClock(wenv.attempt_dir, self.rank)   # goodput (issue 20)
 
     def _record(self, event: str, step: int, **fields) -> None:
         if self.rank == 0 and not must_stop(self.wenv.progress.parent, self.wenv.attempt):   # fenced: writes nothing
@@ -80,13 +82,16 @@ class OrchestrateCallback(TrainerCallback):
         self._record("start", state.global_step, max_steps=state.max_steps, num_train_epochs=state.num_train_epochs,
                      resumed_from=self.resumed_from, world_size=self.info["world_size"],
                      distributed_type=self.info["distributed_type"], fsdp_version=self.info["fsdp_version"],
-                     fsdp_wrapped=self.info["fsdp_wrapped"], global_batch=global_batch(args))
+                     fsdp_wrapped=self.info["fsdp_wrapped"], global_batch=global_batch(args),
+                     process_start=round(T0, 3), **self.restore.fields(bool(self.resumed_from)))
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self.steps.begin(state.global_step + 1)
         maybe_inject_fault(self.fault, self.rank, state.global_step + 1)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.optimizer_steps += 1
+        self.steps.end()
         self.heartbeat.step = state.global_step
         why = must_stop(self.wenv.progress.parent, self.wenv.attempt) if self.rank == 0 else None
         if agree_any(why is not None, self._device()):   # fenced, or another host asked: write nothing more
@@ -102,6 +107,12 @@ class OrchestrateCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.hooks.close()                   # the save in flight is complete and committed before we leave
+        self.steps.write()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        hb = self.heartbeat   # its "evaluating" phase began when evaluate() did (save_hooks.py)
+        self._record("eval", state.global_step,
+                     **eval_fields(metrics, state.epoch, hb.phase_name, hb.since, time.time()))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -173,6 +184,7 @@ def global_batch(args) -> int:
 def attach(trainer, callback: OrchestrateCallback, heartbeat: Heartbeat) -> SaveHooks:
     """Put the callback and the save hooks on ``trainer`` (any transformers/TRL Trainer)."""
     callback.trainer, callback.heartbeat = trainer, heartbeat
+    callback.restore.install(trainer)
     if callback not in trainer.callback_handler.callbacks:
         trainer.add_callback(callback)
     committer = Committer(lambda flag: agree_all(flag, trainer.accelerator.device), callback.commit)
