@@ -139,7 +139,8 @@ class Lease:
         current = read_lease(run_dir)
         if current is not None:
             raise LeaseBusy(current)
-        raise LeaseLost(f"{_dir(run_dir)}: could not take the lease")
+        newest = _gen_path(run_dir, newest_generation(run_dir))
+        raise LeaseLost(f"could not take the lease: its newest generation {newest} stayed unreadable")
 
     def superseded(self) -> LeaseRecord | None:
         """The newer generation that replaced this one, if any."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 
+from ..errors import JobError
 from ..worker import channel
 from .liveness import namespace_id, same_process_table
 
@@ -133,7 +134,7 @@ class LeaseRecord:
         return cls(**{**values, "owner": Owner(**owner), "continues": tuple(d.get("continues") or ())})
 
 
-class LeaseBusy(Exception):
+class LeaseBusy(JobError):
     """Somebody else holds the lease; ``holder`` says who."""
 
     def __init__(self, holder: LeaseRecord):
@@ -141,8 +142,9 @@ class LeaseBusy(Exception):
         super().__init__(f"supervised by {holder.describe()}")
 
 
-class LeaseLost(Exception):
-    """This process no longer holds the lease: stop acting, touch nothing."""
+class LeaseLost(JobError):
+    """This process no longer holds the lease: stop acting, touch nothing (a :class:`JobError`: a command that
+    meets it says why and exits 2, never with a traceback)."""
 
 
 def _dir(run_dir: str | os.PathLike) -> Path:

@@ -29,7 +29,7 @@ from ..backends.processes import attempt_root, job_processes, kill_job_processes
 from ..errors import JobError
 from ..states import Failure, JobState
 from ..store import requests
-from ..store.lease import Lease, LeaseBusy, hold, judge_holder, lease_duration
+from ..store.lease import Lease, LeaseBusy, LeaseLost, hold, judge_holder, lease_duration
 from ..store.ledger import Job, Ledger
 from ..store.paths import orchestrate_home
 from . import elsewhere
@@ -183,8 +183,8 @@ def cancel(ledger: Ledger, job: Job, timeout_s: float = 90.0) -> list[int]:
             try:
                 _cancel_here(ledger, job, timeout_s)
                 break
-            except LeaseBusy:
-                pass  # a supervisor started just now: it sees the request
+            except (LeaseBusy, LeaseLost):
+                pass  # a supervisor started just now (it sees the request), or the lease is being replaced
         if time.monotonic() > deadline:
             who = holder.describe() if holder is not None else "none yet"
             raise JobError(f"{job.id}: its supervisor ({who}) did not act on the cancel request within "
@@ -195,7 +195,7 @@ def cancel(ledger: Ledger, job: Job, timeout_s: float = 90.0) -> list[int]:
         return []
     try:  # orphans of an ended job (nobody holds it): end them under the lease
         lease = hold(job.run_dir)
-    except LeaseBusy:
+    except (LeaseBusy, LeaseLost):
         return [p.pid for p in job_processes(job.id)]
     with lease:
         lease.check()
