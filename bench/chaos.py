@@ -4,22 +4,32 @@ Each scenario runs the CPU demo (2 ranks, FSDP, real torchrun) through the real 
 injects one fault at a random moment: a kill -9 of a rank (while training, or at a random
 point of a save), of the torchrun agent or of the supervisor; SIGTERM to the job; SIGHUP of
 a foreground submit (its terminal closed); two `orchestrate resume` at once; `cancel`
-racing a restart; a full disk (the output folder on a small tmpfs). It then acts as a user
-would (a dead supervisor is resumed; a full disk gets more space, then resume) and checks:
+racing a restart; a full disk (the output folder on a small tmpfs); and (issue 17) SIGSTOP/SIGCONT
+of the supervisor or of rank 0 past the lease; a second login node (its own host name and PID
+namespace, `unshare`) running resume and cancel while the job's processes run, are frozen, or died
+with their host; that second node with its clock tens of seconds off (libfaketime); EEXIST after a
+successful link of a lease generation (a retransmitted NFS LINK); a kill during the write of a
+checkpoint's completion marker (an LD_PRELOAD library kills rank 0 at the marker's rename). It
+then acts as a user would (a dead supervisor is resumed; a full disk gets more space, then resume)
+and checks:
 
 1. a job not cancelled ends COMPLETED, with final weights bit-identical to an uninterrupted
    run (a full disk: FAILED as DISK_FULL first, every complete checkpoint still there);
-2. a cancelled job ends CANCELLED and stays so;
-3. never two attempts of one job alive at once (processes sampled every 50 ms throughout);
+2. a cancelled job ends CANCELLED and stays so, and is never CANCELLED while ranks of it still run
+   (sampled every 50 ms; a paused rank does not run);
+3. never two attempts of one job running at once (processes sampled every 50 ms throughout; a
+   stopped process does not run, and a woken, fenced attempt gets one step's grace to stop), and never
+   two attempts training at once: no attempt writes a training record after a later attempt did;
 4. no process of the job is left;
 5. the ledger's attempts add up (numbered 1..n, all ended with a failure class, each resumed
    attempt starting at the step of the checkpoint it resumed from, the last one matching the
    job's state).
 
-    python bench/chaos.py --n 50 --seed 1 [--kinds kill_rank_save,cancel_race] [--json out.json]
+    python bench/chaos.py --n 60 --seed 17 [--kinds second_host,pause_rank0] [--json out.json]
 
 A failing scenario prints its seed and kind: `--replay SEED:KIND` runs it again. Needs root for the
-tmpfs of the full-disk scenario (skipped with a note otherwise).
+tmpfs of the full-disk scenario and for `unshare`, libfaketime for the clock offset and a C compiler
+for the marker kill (each skipped with a note otherwise).
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ import random
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,13 +55,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import chaos_hosts as hosts  # noqa: E402
 from orchestrator.backends.processes import attempt_root, job_processes, rank_pids  # noqa: E402
 from orchestrator.worker import channel  # noqa: E402
 from orchestrator.worker.checkpoints import list_checkpoints, verify_checkpoint  # noqa: E402
 
 KINDS = ("kill_rank_train", "kill_rank_save", "kill_agent", "kill_supervisor", "sigterm", "sighup", "double_resume",
-         "cancel_race", "disk_full")
+         "cancel_race", "disk_full", "pause_supervisor", "pause_rank0", "clock_offset", "second_host_cancel",
+         "second_host_crash", "second_host_freeze", "eexist_link", "kill_marker_write")
+LEASE_S = 10.0         # every scenario's lease (ORCHESTRATE_LEASE_S): pauses and judgements past it stay short
+RUN_GRACE_S = 10.0     # a woken, fenced attempt runs at most to its next step boundary
 MAX_STEPS = 24
 TRAINING = dict(max_steps=MAX_STEPS, save_steps=4, logging_steps=1, save_total_limit=2)
 LAUNCH = {"nproc_per_node": 2, "retry": {"backoff_s": 0.5, "max_restarts": 10, "max_no_progress": 4},
@@ -80,7 +96,7 @@ class Result:
 
 def env_for(home: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATE_")}
-    env.update(ORCHESTRATE_HOME=str(home), PYTHONPATH=str(REPO), **extra)
+    env.update(ORCHESTRATE_HOME=str(home), PYTHONPATH=str(REPO), ORCHESTRATE_LEASE_S=f"{LEASE_S:g}", **extra)
     return env
 
 
@@ -129,30 +145,84 @@ def final_weights(output_dir: str) -> dict:
 # ---- the invariants --------------------------------------------------------------------------
 
 class AttemptSampler:
-    """Every 50 ms: which attempts of the job have live processes (invariant 3)."""
+    """Every 50 ms: which attempts of the job run (invariant 3) and whether it is CANCELLED meanwhile (2).
+
+    Running means a live process of the attempt that is neither a zombie nor stopped (SIGSTOP: a paused
+    rank does not train). Two attempts running at once for longer than RUN_GRACE_S is a violation (a
+    woken, fenced attempt only finishes its step); so are ranks running when the job is first seen
+    CANCELLED, or still running RUN_GRACE_S later.
+    """
 
     def __init__(self, job_id: str):
         self.job_id, self.overlaps, self.samples = job_id, [], 0
+        self.cancelled_running: list[str] = []
+        self.run_dir: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            seen = set()
-            for p in job_processes(self.job_id):
-                try:
-                    if p.status() != psutil.STATUS_ZOMBIE:
-                        seen.add(p.environ().get(channel.ENV_ATTEMPT))
-                except psutil.Error:
+    def _running(self) -> dict[str, list]:
+        seen: dict[str, list] = {}
+        for p in job_processes(self.job_id):
+            try:
+                if p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
                     continue
+                env = p.environ()
+                seen.setdefault(env.get(channel.ENV_ATTEMPT), []).append(env.get("RANK"))
+            except psutil.Error:
+                continue
+        return seen
+
+    def _state(self) -> str | None:
+        if not self.run_dir:
+            return None
+        return (channel.read_json(Path(self.run_dir) / "ledger" / "job.json") or {}).get("state")
+
+    def _run(self) -> None:
+        overlap_since = cancelled_at = None
+        while not self._stop.wait(0.05):
+            seen, now = self._running(), time.monotonic()
             self.samples += 1
             if len(seen) > 1:
-                self.overlaps.append(sorted(seen))
+                overlap_since = overlap_since or now
+                if now - overlap_since > RUN_GRACE_S and not self.overlaps:
+                    self.overlaps.append(sorted(str(a) for a in seen))
+            else:
+                overlap_since = None
+            if self._state() == "CANCELLED":
+                ranks = sorted(str(a) for a, rs in seen.items() if any(r is not None for r in rs))
+                first = cancelled_at is None
+                cancelled_at = cancelled_at or now
+                if ranks and (first or now - cancelled_at > RUN_GRACE_S) and not self.cancelled_running:
+                    self.cancelled_running.append(f"attempt(s) {ranks} still running "
+                                                  f"{now - cancelled_at:.1f} s after the job was CANCELLED")
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _zombie(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def check_training_records(run_dir: str) -> list[str]:
+    """Invariant 3 by its effects: once an attempt wrote a training record, no earlier attempt writes one."""
+    latest, bad = 0, []
+    for rec in channel.read_progress(Path(run_dir) / channel.PROGRESS_FILE):
+        if rec.get("event") not in ("log", "checkpoint"):
+            continue
+        n = int(rec.get("attempt") or 0)
+        if n < latest:
+            bad.append(f"attempt {n} wrote a {rec['event']} record (step {rec.get('step')}) after attempt {latest} "
+                       "trained: two attempts trained at once")
+            break
+        latest = n
+    return bad
 
 
 def check_ledger(job: dict) -> list[str]:
@@ -191,7 +261,7 @@ def check_end(job_id: str, job: dict, reference: dict | None, expect: str) -> li
     left = [p.pid for p in job_processes(job_id)]
     if left:
         bad.append(f"processes left: {left}")
-    return bad + check_ledger(job)
+    return bad + check_ledger(job) + (check_training_records(job["run_dir"]) if job.get("run_dir") else [])
 
 
 # ---- the scenarios ---------------------------------------------------------------------------
@@ -224,7 +294,9 @@ class Scenario:
         finally:
             if sampler is not None:
                 sampler.stop()
-                self.result.violations += [f"two attempts alive at once: {o}" for o in sampler.overlaps[:3]]
+                self.result.violations += [f"two attempts running at once for over {RUN_GRACE_S:.0f} s: {o}"
+                                           for o in sampler.overlaps[:3]]
+                self.result.violations += sampler.cancelled_running[:3]
             self.cleanup()
         self.result.seconds = round(time.monotonic() - t0, 1)
         return self.result
@@ -247,8 +319,26 @@ class Scenario:
                 self.mount = None
                 raise RuntimeError(f"cannot mount a tmpfs for the full disk (needs root): {r.stderr.strip()}")
             overrides.update(output_dir=str(self.mount), save_total_limit=None)
-        expect = "CANCELLED" if self.kind == "cancel_race" else "COMPLETED"
-        return expect, write_config(self.dir, self.assets, **overrides), env
+        if (self.kind.startswith("second_host") or self.kind == "clock_offset") and not hosts.can_unshare():
+            raise RuntimeError("a second host needs unshare with UTS and PID namespaces (root)")
+        if self.kind == "clock_offset":
+            if hosts.faketime_lib() is None:
+                raise RuntimeError("a clock offset needs libfaketime (apt install faketime)")
+            self.offset = self.rng.choice([-1, 1]) * round(self.rng.uniform(3, 10) * LEASE_S)
+        if self.kind == "eexist_link":
+            env["ORCHESTRATE_LEASE_FAULT"] = "eexist_after_link"
+        if self.kind == "kill_marker_write":
+            step = self.rng.choice([4, 8, 12, 16])
+            env.update(LD_PRELOAD=str(hosts.marker_kill_preload(self.dir)),
+                       CHAOS_KILL_ON_RENAME=f"checkpoint-{step}/{channel.CHECKPOINT_MARKER}")
+            self.marker_step = step
+        if self.kind == "second_host_cancel":   # it must still train when host B acts (it watches ~20 s first)
+            overrides.update(max_steps=MAX_STEPS * 10)
+        if self.kind == "clock_offset":         # likewise; adopted, never restarted: no weights to compare
+            overrides.update(max_steps=MAX_STEPS * 3)
+            self.reference = None
+        cancelled = self.kind in ("cancel_race", "second_host_cancel")
+        return ("CANCELLED" if cancelled else "COMPLETED"), write_config(self.dir, self.assets, **overrides), env
 
     def start(self, cfg: Path, env: dict) -> AttemptSampler:
         if self.kind == "sighup":
@@ -267,7 +357,9 @@ class Scenario:
         if not self.job_id:
             raise RuntimeError("no job id")
         self.run_dir = status(self.home, self.job_id)["run_dir"]
-        return AttemptSampler(self.job_id)
+        sampler = AttemptSampler(self.job_id)
+        sampler.run_dir = self.run_dir
+        return sampler
 
     def _only_job(self) -> str | None:
         r = cli(self.home, "list", "--json", timeout=60)
@@ -285,7 +377,7 @@ class Scenario:
         if not pid:
             raise RuntimeError("no supervisor pid in status")
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10)
+        wait_for(lambda: _zombie(pid), 10)
 
     # each kind: the fault, then what a user would do
     def kill_rank_train(self) -> None:
@@ -367,6 +459,130 @@ class Scenario:
             raise RuntimeError(f"resume after freeing space failed: {r.stderr.strip()}")
         self.result.note = f"output on a {DISK_MB} MB tmpfs; {len(complete)} complete checkpoint(s) kept; resumed"
 
+    # -- issue 17: pauses, a second host, another clock, NFS, a torn marker write ----------------------
+    def _supervisor_pid(self) -> int:
+        pid = (status(self.home, self.job_id).get("supervisor") or {}).get("pid")
+        if not pid:
+            raise RuntimeError("no supervisor pid in status")
+        return pid
+
+    def _resume_here(self) -> None:
+        r = cli(self.home, "resume", "--detach", self.job_id, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"resume failed: {r.stderr.strip()[-500:]}")
+
+    def pause_supervisor(self) -> None:
+        step = self._at_step()
+        pid = self._supervisor_pid()
+        seconds = round(self.rng.uniform(1.2, 2.0) * LEASE_S, 1)
+        during = round(self.rng.uniform(0.5, 1.5) * LEASE_S, 1) if self.rng.random() < 0.5 else None
+        hosts.signal_all([pid], signal.SIGSTOP)
+        try:
+            if during is not None:   # the user tries to resume meanwhile (too early: "already supervised")
+                time.sleep(during)
+                self._resume_here()
+            time.sleep(max(0.0, seconds - (during or 0.0)))
+        finally:
+            hosts.signal_all([pid], signal.SIGCONT)
+        gone = wait_for(lambda: _zombie(pid), 60)
+        if not gone:
+            self.result.violations.append(f"the paused supervisor (pid {pid}) still runs 60 s after SIGCONT: "
+                                          "it should have found its lease lost and left")
+        self._resume_here()        # the user resumes the job if nobody supervises it (else is told who does)
+        self.result.note = (f"SIGSTOP the supervisor at step {step} for {seconds:.0f} s (lease {LEASE_S:.0f} s)"
+                            + (f", resume tried {during:.0f} s in" if during is not None else "") + ", then resume")
+
+    def pause_rank0(self) -> None:
+        step = self._at_step()
+        pid = rank_pids(self.job_id).get(0)
+        seconds = round(self.rng.uniform(1.2, 2.5) * LEASE_S, 1)
+        if pid:
+            hosts.pause([pid], seconds)
+        self.result.note = f"SIGSTOP rank 0 at step {step} for {seconds:.0f} s (lease {LEASE_S:.0f} s), then SIGCONT"
+
+    def _on_b(self, *args: str, clock_offset_s: float | None = None) -> subprocess.CompletedProcess:
+        return hosts.on_host(env_for(self.home), *args, cwd=str(self.dir), clock_offset_s=clock_offset_s, timeout=600)
+
+    def _expect_refused(self, r: subprocess.CompletedProcess, here: str) -> None:
+        """Host B refuses to resume while attempt 1 trains on A (unless it has ended meanwhile: then B may take
+        the job over, and has; its own supervisor then runs the job to its end)."""
+        ended = Path(self.run_dir, "attempts", "1", channel.STATUS_FILE).exists()
+        if r.returncode == 0 and ended:
+            self.result.note += " (attempt 1 had ended: host B took the job over)"
+            return
+        if r.returncode != 2 or f"still runs on {here}" not in r.stderr:
+            self.result.violations.append(f"resume on {hosts.HOST_B} while the ranks train on {here}: exit "
+                                          f"{r.returncode}, {(r.stdout + r.stderr).strip()[-300:]}")
+
+    def second_host_cancel(self) -> None:
+        """Host A's supervisor dies, its ranks train on: host B's resume refuses, its cancel stops them."""
+        self._second_host("cancel")
+
+    def second_host_crash(self) -> None:
+        """Host A dies with every process of the job: host B takes the job over once the ranks fell silent."""
+        self._second_host("crash")
+
+    def second_host_freeze(self) -> None:
+        """Host A freezes (every process stopped) and its supervisor dies: host B takes over; A wakes later."""
+        self._second_host("freeze")
+
+    def _second_host(self, variant: str) -> None:
+        self.variant = variant
+        step = self._at_step()
+        self.result.note = f"second host at step {step}: {variant}"
+        here = socket.gethostname()
+        procs = [p.pid for p in job_processes(self.job_id)]
+        if self.variant == "freeze":      # host A freezes: every process of the job stops, its supervisor dies
+            hosts.signal_all(procs, signal.SIGSTOP)
+        os.kill(self._supervisor_pid(), signal.SIGKILL)
+        if self.variant == "crash":       # host A dies with everything on it
+            hosts.signal_all(procs, signal.SIGKILL)
+        if self.variant == "cancel":      # the ranks train on: host B may only coordinate
+            self._expect_refused(self._on_b("resume", self.job_id), here)
+            r = self._on_b("cancel", self.job_id)
+            if r.returncode != 0 or "CANCELLED" not in r.stdout:
+                self.result.violations.append(f"cancel on {hosts.HOST_B}: exit {r.returncode}, "
+                                              f"{(r.stdout + r.stderr).strip()[-300:]}")
+        else:                             # host B takes the job over (a foreground supervisor there)
+            self.b_proc = hosts.start_on_host(env_for(self.home), "resume", self.job_id, log=self.dir / "host-b.log",
+                                              cwd=str(self.dir))
+            if self.variant == "freeze":
+                started = wait_for(lambda: any(r.get("attempt", 0) >= 2 and r.get("event") == "log"
+                                               for r in channel.read_progress(Path(self.run_dir) / channel.PROGRESS_FILE)),
+                                   600, 0.2)
+                time.sleep(self.rng.uniform(0, 3))
+                hosts.signal_all(procs, signal.SIGCONT)   # host A wakes: its ranks must stop without writing
+                if not started:
+                    raise RuntimeError("the second host never trained attempt 2")
+
+    def clock_offset(self) -> None:
+        step = self._at_step(2, 6)
+        here = socket.gethostname()
+        r = self._on_b("resume", self.job_id, clock_offset_s=self.offset)   # the supervisor is alive on A
+        if r.returncode != 0 or "already supervised" not in r.stdout:
+            self.result.violations.append(f"resume on a host {self.offset:+.0f} s off while the supervisor runs: exit "
+                                          f"{r.returncode}, {(r.stdout + r.stderr).strip()[-300:]}")
+        os.kill(self._supervisor_pid(), signal.SIGKILL)
+        self.result.note = f"a second host {self.offset:+.0f} s off at step {step}; supervisor killed; resumed here"
+        self._expect_refused(self._on_b("resume", self.job_id, clock_offset_s=self.offset), here)
+        self._resume_here()
+
+    def eexist_link(self) -> None:
+        step = self._at_step()
+        self._kill_supervisor()
+        r = cli(self.home, "resume", "--detach", self.job_id, timeout=300, ORCHESTRATE_LEASE_FAULT="eexist_after_link")
+        if r.returncode != 0:
+            raise RuntimeError(f"resume failed: {r.stderr.strip()}")
+        self.result.note = f"every lease link answered EEXIST after succeeding; supervisor killed at step {step}"
+
+    def kill_marker_write(self) -> None:
+        out = Path(status(self.home, self.job_id)["output_dir"])
+        torn = wait_for(lambda: list(out.glob(f"checkpoint-{self.marker_step}/.{channel.CHECKPOINT_MARKER}.*"))
+                        or list(out.glob(f".incomplete/checkpoint-{self.marker_step}.*/.{channel.CHECKPOINT_MARKER}.*")),
+                        600, 0.2)
+        self.result.note = (f"rank 0 killed at the rename of checkpoint-{self.marker_step}'s marker"
+                            + ("" if torn else " (no torn marker seen)"))
+
     def _wait_end(self, timeout: float = 900) -> dict:
         def ended():
             job = status(self.home, self.job_id)
@@ -392,6 +608,13 @@ class Scenario:
         return job
 
     def cleanup(self) -> None:
+        b = getattr(self, "b_proc", None)
+        if b is not None:
+            try:
+                b.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(b.pid, signal.SIGKILL)
+                self.result.violations.append("the second host's supervisor did not exit with the job")
         if self.kind == "sighup":
             subprocess.run(["tmux", "-L", getattr(self, "tmux", "none"), "kill-server"], capture_output=True)
         if self.job_id and job_processes(self.job_id):

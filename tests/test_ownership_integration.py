@@ -1,20 +1,26 @@
 """One owner per job, with real processes and signals (issue 10): a closed terminal, a dead supervisor,
-two ``resume`` at once, and ``cancel`` with nobody supervising."""
+two ``resume`` at once, and ``cancel`` with nobody supervising; across hosts (issue 17): a second login
+node (its own host name and PID namespace, ``unshare``) sharing the home never duplicates an attempt."""
 from __future__ import annotations
 
 import os
 import shlex
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
+import psutil
 import pytest
 from orch_helpers import (
     REPO,
     Tmux,
     env_for,
     job_processes,
+    max_logged_step,
     orch,
     progress,
     single_job_id,
@@ -22,6 +28,8 @@ from orch_helpers import (
     wait_for,
     write_config,
 )
+
+from orchestrator.worker import channel
 
 pytestmark = pytest.mark.integration
 
@@ -117,3 +125,51 @@ def test_cancel_with_no_live_supervisor_acts_itself(tmp_path, demo_assets):
     job = status(home, job_id)
     assert job["state"] == "CANCELLED" and [a["failure"] for a in job["attempts"]] == ["CANCELLED"]
     assert job_processes(job_id) == []
+
+
+# ---- issue 17: a second login node (its own host name and PID namespace) sharing the home -------------
+
+LEASE_S = "6"   # short leases: the second host's judgements (no renewal seen for 6 s, no beat for 10 s) come quickly
+
+
+def _on_host_b(home, *args, timeout=240):
+    """The CLI on a second login node: its own host name and process table (`unshare --uts --pid`), same files."""
+    # Its own host name, resolvable there as on a real login node (its /etc/hosts), and its own PID namespace.
+    sh = ('hostname "$0" && h=$(mktemp) && cat /etc/hosts > "$h" && echo "127.0.0.1 $0" >> "$h" && '
+          'mount --bind "$h" /etc/hosts && exec "$@"')
+    argv = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c", sh, "login-b", sys.executable, "-m",
+            "orchestrator.cli", *args]
+    return subprocess.run(argv, env=env_for(home, ORCHESTRATE_LEASE_S=LEASE_S), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_second_host_never_duplicates_an_attempt_and_cancels_it_only_once_its_ranks_ended(tmp_path, demo_assets):
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--uts", "--pid", "--fork", "true"],
+                                                         capture_output=True).returncode != 0:
+        pytest.skip("needs unshare with UTS and PID namespaces (root)")
+    home = tmp_path / "home"
+    r = orch(home, "submit", "--detach", str(_config(tmp_path, demo_assets, max_steps=400)), cwd=tmp_path,
+             timeout=120, env_extra={"ORCHESTRATE_LEASE_S": LEASE_S})
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    run_dir = _first_step(home, job_id)
+    os.kill(status(home, job_id)["supervisor"]["pid"], signal.SIGKILL)   # its ranks go on training on this host
+    here = socket.gethostname()
+
+    refused = _on_host_b(home, "resume", job_id)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"attempt 1 still runs on {here}" in refused.stderr and f"on {here} run: orchestrate resume" in refused.stderr
+    assert not (Path(run_dir) / "attempts" / "2").exists() and len(status(home, job_id)["attempts"]) == 1
+    step = max_logged_step(run_dir)
+    wait_for(lambda: max_logged_step(run_dir) > step + 2, 120, "training to go on after the refused resume")
+
+    cancelled = _on_host_b(home, "cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    assert "CANCELLED" in cancelled.stdout
+    left = [p for p in job_processes(job_id) if psutil.Process(p).environ().get("RANK") is not None]
+    assert left == [], f"ranks still alive when the second host reported CANCELLED: {left}"
+    job = status(home, job_id)
+    assert job["state"] == "CANCELLED" and [a["failure"] for a in job["attempts"]] == ["CANCELLED"]
+    end = channel.read_json(Path(run_dir) / "attempts" / "1" / channel.STATUS_FILE)
+    assert end["state"] == "stopped" and end["halted"]     # the ranks' own end record: stopped at a step boundary
+    wait_for(lambda: job_processes(job_id) == [], 60, "the torchrun agent to exit")

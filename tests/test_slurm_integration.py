@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import psutil
 import pytest
 from orch_helpers import job_processes, orch, progress, start_orch, status, wait_for, write_config
+
+from orchestrator.plan.slurm import rendezvous_port
 
 
 def _cluster_problem() -> str | None:
@@ -195,12 +198,41 @@ def test_c_scancel_from_outside_is_the_users_cancel(tmp_path, demo_assets):
     assert _queue_state(slurm_job) == "CANCELLED" and wait_for(lambda: job_processes(job_id) == [], 60, "no process")
 
 
+def _hold_hashed_ports(tmp_path, ahead: int = 4) -> tuple[list[socket.socket], dict[str, int]]:
+    """Listen on the rendezvous port the next few SLURM job ids hash to (attempt 1), as another job's store
+    would: ``(sockets, {job id: port held})``. The next id is read from a held job submitted and cancelled."""
+    probe = subprocess.run(["sbatch", "--parsable", "--hold", "-t", "1", f"--output={tmp_path}/probe-%j.out",
+                            "--wrap", "true"], capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(["scancel", probe])
+    held, socks = {}, []
+    for n in range(int(probe) + 1, int(probe) + 1 + ahead):
+        s = socket.socket()
+        try:
+            s.bind(("", rendezvous_port(str(n), 1)))
+            s.listen()
+            socks.append(s)
+            held[str(n)] = rendezvous_port(str(n), 1)
+        except OSError:
+            s.close()
+    return socks, held
+
+
 def test_c_orchestrate_cancel_asks_the_supervisor_in_the_allocation(tmp_path, demo_assets):
     home = tmp_path / "home"
     cfg = write_config(tmp_path, demo_assets, launch=LAB, max_steps=400, save_steps=1000, logging_steps=1)
-    job_id, run = _submit_detached(home, tmp_path, cfg)
-    slurm_job = _slurm_job(home, job_id)
-    wait_for(lambda: _logs(run), 240, "the first training step")
+    socks, held = _hold_hashed_ports(tmp_path)   # issue 17: another job's store listens on our hashed port
+    try:
+        job_id, run = _submit_detached(home, tmp_path, cfg)
+        slurm_job = _slurm_job(home, job_id)
+        wait_for(lambda: _logs(run), 240, "the first training step")
+        endpoint = json.loads((Path(run) / "attempts/1/nodes/0/rendezvous.json").read_text())["endpoint"]
+        if slurm_job in held:
+            assert not endpoint.endswith(f":{held[slurm_job]}"), "the step reserved another free port"
+        else:
+            print(f"\nSLURM job {slurm_job} got an id outside {sorted(held)}: the port check had nothing to prove")
+    finally:
+        for s in socks:
+            s.close()
     r = orch(home, "cancel", job_id, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert status(home, job_id)["state"] == "CANCELLED"

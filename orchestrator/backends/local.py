@@ -58,6 +58,9 @@ class LocalBackend:
                 )
             ident = ProcessId.of(proc.pid)
         self._children[(plan.job_id, attempt)] = proc
+        # Which process table the attempt lives in: only that host may probe or signal it (issue 17).
+        channel.write_json_atomic(paths.launch_record(attempt), {"host": ident.host, "ns": ident.ns, "pid": proc.pid,
+                                                                 "pid_start": ident.start_time})
         return AttemptHandle(job_id=plan.job_id, attempt=attempt, pid=proc.pid,
                              attempt_dir=str(paths.attempt_dir(attempt)), pid_start=ident.start_time,
                              host=ident.host)
@@ -106,7 +109,10 @@ class LocalBackend:
                 self._prepare_next(handle)
             return rc
         # Adopted from another supervisor: not our child, so no wait status.
-        if verified(_ident(handle), handle.job_id, handle.attempt) is not None:
+        ident = _ident(handle)
+        if ident is not None and not ident.here():
+            return recorded_exit(Path(handle.attempt_dir))   # another host's: never judged by this process table
+        if verified(ident, handle.job_id, handle.attempt) is not None:
             return None
         record = read_agent_record(Path(handle.attempt_dir))
         # No record: the agent itself died without a word (kill -9, OOM killer).
@@ -147,7 +153,19 @@ class LocalBackend:
 def _ident(handle: AttemptHandle) -> ProcessId | None:
     if not handle.pid:
         return None
-    return ProcessId(handle.pid, handle.pid_start, handle.host or socket.gethostname())
+    launched = channel.read_json(Path(handle.attempt_dir) / "launch.json") or {}
+    return ProcessId(handle.pid, handle.pid_start, handle.host or socket.gethostname(), launched.get("ns") or "")
+
+
+def recorded_exit(attempt_dir: Path) -> int:
+    """How an attempt of another host ended, by its own records: torchrun's exit record, else rank 0's end
+    record, else -SIGKILL (the ranks fell silent with no word: the caller made sure they are silent)."""
+    agent = read_agent_record(attempt_dir)
+    if agent and "exit_code" in agent:
+        return int(agent["exit_code"])
+    state = (channel.read_json(Path(attempt_dir) / channel.STATUS_FILE) or {}).get("state")
+    return {channel.WORKER_COMPLETED: 0, channel.WORKER_STOPPED: channel.EXIT_STOPPED,
+            channel.WORKER_FAILED: 1}.get(state, -signal.SIGKILL)
 
 
 def read_agent_record(attempt_dir: Path) -> dict | None:

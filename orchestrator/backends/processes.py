@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from ..store.liveness import namespace_id, same_process_table
 from ..worker import channel
 
 DAEMON_MODULE = "orchestrator.supervise.daemon"
@@ -28,11 +29,12 @@ ENV_HANDOFF = "ORCHESTRATE_HANDOFF"   # the lease token a detached supervisor ma
 
 @dataclass(frozen=True)
 class ProcessId:
-    """A process as the ledger stores it: PID, its start time and its host."""
+    """A process as the ledger stores it: PID, its start time and its host (and PID namespace, when known)."""
 
     pid: int
     start_time: float | None
     host: str
+    ns: str = ""
 
     @classmethod
     def of(cls, pid: int) -> "ProcessId":
@@ -41,7 +43,11 @@ class ProcessId:
             start = psutil.Process(pid).create_time()
         except psutil.Error:
             start = None
-        return cls(pid, start, socket.gethostname())
+        return cls(pid, start, socket.gethostname(), namespace_id())
+
+    def here(self) -> bool:
+        """This host's process table holds it: only then may a PID be probed or signalled."""
+        return same_process_table(self.host, self.ns)
 
 
 def pid_alive(pid: int) -> bool:
@@ -70,7 +76,7 @@ def _tagged(p: psutil.Process, job_id: str, attempt: int | None) -> bool:
 
 def verified(ident: ProcessId | None, job_id: str, attempt: int | None = None) -> psutil.Process | None:
     """The process ``ident`` names if PID, start time and job tag all match (and it is of this host)."""
-    if ident is None or not ident.pid or ident.start_time is None or ident.host != socket.gethostname():
+    if ident is None or not ident.pid or ident.start_time is None or not ident.here():
         return None
     try:
         p = psutil.Process(ident.pid)
@@ -116,7 +122,7 @@ def attempt_root(job_id: str, attempt: int) -> ProcessId | None:
     for p in procs.values():
         try:
             if p.ppid() not in procs and p.status() != psutil.STATUS_ZOMBIE:
-                return ProcessId(p.pid, p.create_time(), socket.gethostname())
+                return ProcessId(p.pid, p.create_time(), socket.gethostname(), namespace_id())
         except psutil.Error:
             continue
     return None

@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from ..store.private import private_umask
+
+    private_umask()   # issue 17: what orchestrate and the jobs it starts create is the user's alone
     from ..config import ConfigError
     from ..errors import JobError
     from . import cmd_jobs, cmd_view
@@ -62,14 +65,15 @@ def _warn_unsupervised(verb: str, named: str | None) -> None:
         jobs = Ledger.for_home(home).jobs([JobState.QUEUED, JobState.PENDING, JobState.RUNNING, JobState.RESUMING])
     except Exception:  # noqa: BLE001 - a warning must never stop the verb itself
         return
-    for job in jobs:
-        if job.backend == "slurm" and not job.state.is_terminal:
-            from ..supervise.remote import reconcile
+    said = {}
+    if any(job.backend == "slurm" for job in jobs):
+        from ..supervise.remote import reconcile_all
 
-            said = reconcile(Ledger.for_home(home), job)
-            if said:
-                print(f"notice: job {job.id}: {said}", file=sys.stderr)
-                continue
+        said = reconcile_all(Ledger.for_home(home), jobs)   # one squeue/sacct call for all of them
+    for job in jobs:
+        if job.id in said:
+            print(f"notice: job {job.id}: {said[job.id]}", file=sys.stderr)
+            continue
         if verb in ("resume", "cancel") and named and job.id.startswith(named):
             continue  # the verb about to repair it
         health = supervisor_health(job.run_dir)

@@ -151,7 +151,7 @@ def resume(args) -> int:
     """
     from ..store.jobs import open_ledger, resolve_job
     from ..store.lease import LeaseBusy
-    from ..supervise.control import check_resumable, detach, take_job
+    from ..supervise.control import check_resumable, detach, take_over
 
     ledger = open_ledger()
     job = resolve_job(ledger, args.job)
@@ -163,14 +163,14 @@ def resume(args) -> int:
         print(remote.resume(ledger, job, plan=resized))
         return EXIT_OK if args.detach else follow_remote(ledger, ledger.get(job.id))
     try:
-        lease = take_job(job)
+        lease = take_over(job)   # issue 17: refuses while the attempt trains on another host, naming it
     except LeaseBusy as busy:
         print(f"{job.id} is already supervised by {busy.holder.describe()}; nothing to do")
         return EXIT_OK
     if resized is not None:
         from ..supervise.jobs import replace_plan
 
-        replace_plan(job, resized, max((a.n for a in job.attempts), default=0))
+        replace_plan(job, resized, max((a.n for a in job.attempts), default=0), fence=lease.check)
     job = ledger.get(job.id)  # as it is now that nobody else can change it
     if args.detach:
         detach(job, lease, resume=True)

@@ -235,6 +235,16 @@ def _check_value(key: str, value: Any, path: str) -> tuple[str | None, Any]:
     raise AssertionError(key)
 
 
+def _abbreviates(name: str) -> str | None:
+    """The option orchestrate sets that ``name`` abbreviates (sbatch, like getopt_long, takes any unique
+    prefix of a long option: ``requeu``, ``sig`` or ``no-k`` would silently override ``--requeue``,
+    ``--signal`` or ``--no-kill``), or ``None``."""
+    if len(name) < 2:
+        return None
+    hits = [m for m in MANAGED_OPTIONS if m.startswith(name)]
+    return min(hits, key=len) if hits else None
+
+
 def _check_extra(value: Any, path: str) -> tuple[list[str], dict[str, Any]]:
     if value is None:
         return [], {}
@@ -246,12 +256,14 @@ def _check_extra(value: Any, path: str) -> tuple[list[str], dict[str, Any]]:
         name = str(opt).lstrip("-").replace("_", "-")
         if not _OPTION.match(name):
             problems.append(f"{path}.{opt}: not an sbatch option name")
-        elif name in MANAGED_OPTIONS:
-            own = MANAGED_OPTIONS[name]
+        elif name in MANAGED_OPTIONS or _abbreviates(name):
+            full = name if name in MANAGED_OPTIONS else _abbreviates(name)
+            own = MANAGED_OPTIONS[full]
             why = (f"use launch.slurm.{own}" if own else
-                   "--export would strip the job's environment (srun then loses PATH)" if name == "export" else
-                   "orchestrate sets it itself")
-            problems.append(f"{path}.{opt}: not allowed here ({why})")
+                   "--export would strip the job's environment (srun then loses PATH)" if full == "export" else
+                   f"orchestrate sets --{full} itself")
+            alias = "" if full == name else f"sbatch reads it as --{full}, "
+            problems.append(f"{path}.{opt}: not allowed here ({alias}{why})")
         elif v is False or v is None or isinstance(v, (dict, list)) or "\n" in str(v):
             problems.append(f"{path}.{opt}: expected a string, a number or true, got {v!r}")
         else:

@@ -10,12 +10,13 @@ import yaml
 
 from ..plan import LaunchPlan
 from ..plan import slurm as slurm_plan
+from ..store.private import mask_env
 
 
 def describe_plan(plan: LaunchPlan, attempt: int = 1) -> str:
     """Human-readable plan for ``--dry-run``: the exact command, environment and paths."""
     paths = plan.paths
-    env = plan.attempt_env(attempt, None)
+    env = mask_env(plan.attempt_env(attempt, None))   # tokens in launch.env are never printed
     command = ["command         (orchestrator.worker.agent runs torchrun's own main and records how it ended)",
                "  " + shlex.join(plan.argv(attempt)), "environment",
                *[f"  {k}={shlex.quote(v)}" for k, v in sorted(env.items())]]
@@ -89,13 +90,14 @@ def performance_lines(record: Mapping[str, Any]) -> list[str]:
 def slurm_lines(plan, attempt: int = 1) -> list[str]:
     """The SLURM part of ``orchestrate submit --dry-run``: the allocation, its supervisor, each attempt's step."""
     s = plan.slurm
-    port = f"<{slurm_plan.RDZV_PORT_BASE} + (7 x job id + attempt) % {slurm_plan.RDZV_PORT_SPAN}>"
+    port = (f"<free port reserved on the first node, from {slurm_plan.RDZV_PORT_BASE} + (7 x job id + attempt) % "
+            f"{slurm_plan.RDZV_PORT_SPAN}>")
     nodes = [f"<node {k + 1}>" for k in range(plan.nnodes)]
     step = slurm_plan.step_argv(plan, attempt, nodes, slurm_plan.job_python(plan))
     argv = slurm_plan.node_argv(plan, attempt, node="<node>", nnodes=plan.nnodes,
                                 endpoint=f"<first node address>:{port}", rdzv_id="<SLURM job id>-<attempt>",
                                 python=slurm_plan.job_python(plan))
-    env = slurm_plan.node_env(plan, attempt, None, node="<node>", slurm_job_id="<SLURM job id>")
+    env = mask_env(slurm_plan.node_env(plan, attempt, None, node="<node>", slurm_job_id="<SLURM job id>"))
     min_nodes = slurm_plan.min_nodes(plan)
     return [
         f"slurm           profile {s.get('profile') or '(none)'}; {plan.nnodes} node(s) x 1 task "

@@ -156,7 +156,7 @@ def executor_parameters(plan) -> dict[str, Any]:
         "nodes": plan.nnodes,
         "ntasks_per_node": 1,           # one launcher per node in each step; it runs torchrun, which runs the ranks
         "signal_delay_s": int(s["signal_delay_s"]),
-        "setup": list(s.get("setup") or []),
+        "setup": [*list(s.get("setup") or []), private_guard(plan)],
         "use_srun": False,
         "wckey": None,                  # submitit's default "submitit" is rejected where wckeys are enforced
         "additional_parameters": {"signal": f"{s['signal']}@{int(s['signal_delay_s'])}", "requeue": True,
@@ -170,6 +170,14 @@ def executor_parameters(plan) -> dict[str, Any]:
     if s.get("exclusive"):
         params["exclusive"] = True
     return params
+
+
+def private_guard(plan) -> str:
+    """The batch script's last setup line: refuse to go on (exit 2) unless the run directory and submitit's
+    folder, whose pickle the next line unpickles, are the owner's alone (``orchestrator.store.private``)."""
+    folder = submitit_folder(plan)
+    return " ".join([shlex.quote(job_python(plan)), "-m", "orchestrator.store.private",
+                     shlex.quote(str(Path(plan.run_dir).absolute())), shlex.quote(str(folder)), "|| exit 2"])
 
 
 def submit_command(python: str, folder: Path) -> str:

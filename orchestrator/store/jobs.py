@@ -5,14 +5,23 @@ from pathlib import Path
 
 from ..errors import JobError
 from .ledger import Job, Ledger
-from .paths import orchestrate_home
+from .paths import ENV_HOME, orchestrate_home
+from .private import ensure_private_dir
 
 MAX_LISTED = 20
 
 
 def open_ledger(home: Path | None = None) -> Ledger:
-    """The ledger of ``home`` (default: ``$ORCHESTRATE_HOME`` or ``~/.orchestrate``)."""
-    return Ledger.for_home(home or orchestrate_home())
+    """The ledger of ``home`` (default: ``$ORCHESTRATE_HOME`` or ``~/.orchestrate``).
+
+    The home and its ``runs/`` and ``index/`` are created 0700; one that another user owns, or that
+    others may write, is refused (:class:`~orchestrator.store.private.NotPrivate`): only its owner steers.
+    """
+    home = Path(home or orchestrate_home())
+    ensure_private_dir(home, f"{ENV_HOME} (the jobs' home)")
+    for sub in ("runs", "index"):
+        ensure_private_dir(home / sub, f"{ENV_HOME}'s folder")
+    return Ledger.for_home(home)
 
 
 def resolve_job(ledger: Ledger, ref: str) -> Job:

@@ -7,195 +7,85 @@ only when the newest generation is released, expired, or held by a process of th
 that is gone. The holder renews by rewriting its own generation's file from a thread of
 its own (:meth:`Lease.keep_alive`), so no blocking call in the supervisor loop can starve
 it. The generation number is the fencing token: every state write carries it (the ledger
-refuses writes with an older one) and every signal is preceded by :meth:`Lease.check`,
-which fails once a newer generation exists or the holder could not renew in time. A
-holder that lost the lease stops acting and exits without touching the job.
+refuses writes with an older one), every signal and destructive step is preceded by
+:meth:`Lease.check`, which fails once a newer generation exists *or the holder's own last
+renewal is older than half the lease* (a SIGSTOP, a frozen VM or a stalled fsync: others
+may soon judge it expired), and the ranks get it as ``ORCHESTRATE_LEASE_GEN``. A holder
+that lost the lease stops acting and exits without touching the job.
 
-Files in the run directory, not the ledger, because the run directory is the job's truth
-on a shared filesystem, where SQLite must not be written from two hosts. Liveness is
-judged by host-aware identity (host, PID, process start time) and heartbeat age; a PID is
-only ever checked on its own host.
+Expiry is judged on the reader's own clock (:mod:`.liveness`): a lease is expired once this
+host has seen no renewal of it for its duration, whatever time stamps the holder writes (a
+20 s clock difference between hosts changes nothing). Only a holder of this host and PID
+namespace may be found dead at once, from the process table.
 """
 from __future__ import annotations
 
-import json
 import os
-import secrets
-import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import psutil
-
-LEASE_DIR = "lease"
-ENV_LEASE_S = "ORCHESTRATE_LEASE_S"   # the lease duration (tests and chaos runs shorten it)
-DEFAULT_LEASE_S = 20.0
-KEEP_GENERATIONS = 3
-NO_LEASE_GRACE_S = 60.0
-
-
-def lease_duration(environ=None) -> float:
-    """``$ORCHESTRATE_LEASE_S`` or the default (seconds)."""
-    env = os.environ if environ is None else environ
-    try:
-        value = float(env.get(ENV_LEASE_S, DEFAULT_LEASE_S))
-    except ValueError:
-        return DEFAULT_LEASE_S
-    return value if value > 0 else DEFAULT_LEASE_S
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Who holds a lease: host, PID and that process's start time, plus a random token."""
-
-    host: str
-    pid: int
-    start_time: float
-    token: str
-
-    @classmethod
-    def me(cls) -> "Owner":
-        """This process."""
-        pid = os.getpid()
-        return cls(socket.gethostname(), pid, process_start_time(pid) or 0.0, secrets.token_hex(8))
-
-    def is_local(self) -> bool:
-        return self.host == socket.gethostname()
-
-    def process_alive(self) -> bool:
-        """Only meaningful on the owner's host: the PID runs and started when the owner did."""
-        return process_start_time(self.pid) == self.start_time
+from .lease_record import (  # noqa: F401 - re-exported: callers import the lease's names from here
+    DEFAULT_LEASE_S,
+    ENV_LEASE_FAULT,
+    ENV_LEASE_S,
+    KEEP_GENERATIONS,
+    LEASE_DIR,
+    NO_LEASE_GRACE_S,
+    RENEWALS_PER_LEASE,
+    LeaseBusy,
+    LeaseLost,
+    LeaseRecord,
+    Owner,
+    _create_exclusive,
+    _dir,
+    _gen_path,
+    _temp,
+    lease_duration,
+    newest_generation,
+    process_start_time,
+    read_lease,
+)
+from .liveness import Sightings, boottime, sightings_for, watch
 
 
-def process_start_time(pid: int) -> float | None:
-    """A live process's start time (``None`` if it is gone or a zombie)."""
-    try:
-        p = psutil.Process(pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
+def judge_holder(run_dir, *, wait_s: float = 0.0, fresh: bool = False, sightings: Sightings | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> tuple[LeaseRecord | None, bool | None]:
+    """``(newest record, alive)``: is the job's lease held? Watches it for at most ``wait_s``.
+
+    ``alive`` is ``False`` when nobody holds it (never taken, released, a holder of this host that is
+    gone, or no renewal seen for its duration on this host's clock), ``True`` when a renewal was
+    seen within its duration, ``None`` when that is not known yet (seen for less than its duration).
+    ``fresh``: only a renewal seen during this call counts (see :func:`.liveness.watch`).
+    """
+    sightings = sightings or sightings_for(run_dir)
+    state: dict = {}
+
+    def read() -> str | None:
+        for _ in range(5):
+            rec = read_lease(run_dir)
+            if rec is not None or not newest_generation(run_dir):
+                break
+            time.sleep(0.05)   # the newest file is being replaced: read it again
+        state["rec"] = rec
+        if rec is None or rec.dead_here():
             return None
-        return p.create_time()
-    except psutil.Error:
-        return None
+        return rec.sight_key()
 
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """One generation of the lease as written on disk."""
-
-    gen: int
-    owner: Owner
-    acquired: float
-    renewed: float
-    duration_s: float
-    released: bool = False
-
-    def heartbeat_age(self, now: float | None = None) -> float:
-        return max(0.0, (time.time() if now is None else now) - self.renewed)
-
-    def alive(self, now: float | None = None) -> bool:
-        """Held: not released, renewed within its duration, and (on this host) its process still runs."""
-        if self.released or self.heartbeat_age(now) > self.duration_s:
-            return False
-        return self.owner.process_alive() if self.owner.is_local() else True
-
-    def describe(self, now: float | None = None) -> str:
-        """``pid 123 on host (heartbeat 2 s ago)``."""
-        return f"pid {self.owner.pid} on {self.owner.host} (heartbeat {self.heartbeat_age(now):.0f} s ago)"
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "LeaseRecord":
-        return cls(**{**d, "owner": Owner(**d["owner"])})
-
-
-class LeaseBusy(Exception):
-    """Somebody else holds the lease; ``holder`` says who."""
-
-    def __init__(self, holder: LeaseRecord):
-        self.holder = holder
-        super().__init__(f"supervised by {holder.describe()}")
-
-
-class LeaseLost(Exception):
-    """This process no longer holds the lease: stop acting, touch nothing."""
-
-
-def _dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / LEASE_DIR
-
-
-def _gen_path(run_dir, gen: int) -> Path:
-    return _dir(run_dir) / f"{gen:08d}.json"
-
-
-def newest_generation(run_dir) -> int:
-    """The newest generation number on disk (0: the lease was never taken)."""
-    try:
-        names = os.listdir(_dir(run_dir))
-    except FileNotFoundError:
-        return 0
-    gens = [int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()]
-    return max(gens, default=0)
-
-
-def read_lease(run_dir) -> LeaseRecord | None:
-    """The newest generation's record, or ``None`` if the lease was never taken."""
-    gen = newest_generation(run_dir)
-    if not gen:
-        return None
-    try:
-        return LeaseRecord.from_json(json.loads(_gen_path(run_dir, gen).read_text()))
-    except (OSError, ValueError, TypeError, KeyError):
-        return None  # being replaced right now: a reader retries at its next poll
-
-
-def _temp(run_dir, record: LeaseRecord) -> Path:
-    d = _dir(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{record.gen:08d}.{record.owner.token}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record.to_json(), f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _create_exclusive(run_dir, record: LeaseRecord) -> bool:
-    """Create generation ``record.gen`` complete, or return False if it exists already."""
-    tmp = _temp(run_dir, record)
-    try:
-        os.link(tmp, _gen_path(run_dir, record.gen))
-        _fsync_dir(_dir(run_dir))
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
+    current = read_lease(run_dir)
+    window = current.duration_s if current is not None else DEFAULT_LEASE_S
+    alive, _ = watch(read, f"lease:{Path(run_dir).absolute()}", window, sightings, wait_s=wait_s, fresh=fresh,
+                     sleep=sleep)
+    return state.get("rec"), alive
 
 
 class Lease:
     """A lease this process holds. ``wall``/``clock`` are injectable for tests."""
 
     def __init__(self, run_dir, record: LeaseRecord, *, wall: Callable[[], float] = time.time,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = boottime):
         self.run_dir = Path(run_dir)
         self.record = record
         self.wall, self.clock = wall, clock
@@ -216,34 +106,41 @@ class Lease:
 
     @classmethod
     def acquire(cls, run_dir, *, owner: Owner | None = None, duration_s: float | None = None,
-                handoff_token: str | None = None, wall: Callable[[], float] = time.time,
-                clock: Callable[[], float] = time.monotonic) -> "Lease":
+                handoff_token: str | None = None, wait_s: float = 0.0, continues: tuple[int, ...] = (),
+                sightings: Sightings | None = None, wall: Callable[[], float] = time.time,
+                clock: Callable[[], float] = boottime, sleep: Callable[[float], None] = time.sleep) -> "Lease":
         """Take the lease, or raise :class:`LeaseBusy` naming the holder.
 
-        ``handoff_token``: the current holder's token, given to the process it hands the job to
-        (SIGHUP of a foreground submit, ``--detach``): that process may take a live lease.
+        A holder is judged on this host's clock (:func:`judge_holder`): ``wait_s`` is how long this
+        call may watch a lease whose holder it knows nothing about yet (a resume waits up to the
+        lease's duration; without waiting, such a lease counts as held). ``handoff_token``: the
+        current holder's token, given to the process it hands the job to (SIGHUP of a foreground
+        submit, ``--detach``): that process may take a live lease. ``continues``: attempts this
+        holder takes over running (their ranks are not fenced by the new generation).
         """
         owner = owner or Owner.me()
         duration = duration_s or lease_duration()
         for _ in range(5):
-            current = read_lease(run_dir)
+            current, alive = judge_holder(run_dir, wait_s=wait_s, fresh=wait_s > 0, sightings=sightings, sleep=sleep)
             if current is None and newest_generation(run_dir):
                 time.sleep(0.05)  # the newest file is being replaced: read it again
                 continue
-            now = wall()
             handed = handoff_token is not None and current is not None and current.owner.token == handoff_token
-            if current is not None and current.alive(now) and not handed:
+            if current is not None and alive is not False and not handed:
                 raise LeaseBusy(current)
+            now = wall()
             record = LeaseRecord(gen=(current.gen if current else 0) + 1, owner=owner, acquired=now, renewed=now,
-                                 duration_s=duration)
+                                 duration_s=duration, continues=tuple(sorted(set(continues))))
             if _create_exclusive(run_dir, record):
                 lease = cls(run_dir, record, wall=wall, clock=clock)
                 lease._prune()
                 return lease
+            wait_s = 0.0   # somebody else took it just now: a change we saw, so it is held
         current = read_lease(run_dir)
         if current is not None:
             raise LeaseBusy(current)
-        raise LeaseLost(f"{_dir(run_dir)}: could not take the lease")
+        newest = _gen_path(run_dir, newest_generation(run_dir))
+        raise LeaseLost(f"could not take the lease: its newest generation {newest} stayed unreadable")
 
     def superseded(self) -> LeaseRecord | None:
         """The newer generation that replaced this one, if any."""
@@ -252,8 +149,18 @@ class Lease:
         return read_lease(self.run_dir) or self.record
 
     def check(self) -> None:
-        """Raise :class:`LeaseLost` unless this process still holds the lease (before every action)."""
+        """Raise :class:`LeaseLost` unless this process still holds the lease (before every action).
+
+        Held means: no newer generation exists, and this holder's own last renewal is younger than
+        half the lease. Past that, another host that saw no renewal may take the lease before this
+        one could renew again, so nothing may be done on its strength any more.
+        """
         if self._lost:
+            raise LeaseLost(self._lost)
+        since = self.clock() - self._renewed_at
+        if since > self.record.duration_s / 2:
+            self._lost = (f"its own last renewal is {since:.0f} s old, more than half the {self.record.duration_s:.0f} s "
+                          f"lease (the process was paused or its filesystem stalled)")
             raise LeaseLost(self._lost)
         newer = self.superseded()
         if newer is not None:
@@ -265,26 +172,23 @@ class Lease:
         """Why the lease was lost (``None`` while held)."""
         return self._lost
 
-    def renew(self) -> None:
+    def renew(self, **changes) -> None:
         """Rewrite this generation with a fresh time; raise :class:`LeaseLost` if it was taken or is too old."""
         with self._lock:
-            if self._lost:
-                raise LeaseLost(self._lost)
-            since = self.clock() - self._renewed_at
-            if since > self.record.duration_s * 0.75:
-                # Others may already see it expired: stop acting rather than race them.
-                self._lost = f"not renewed for {since:.0f} s (lease {self.record.duration_s:.0f} s)"
-                raise LeaseLost(self._lost)
             self.check()
-            record = replace(self.record, renewed=self.wall())
+            record = replace(self.record, renewed=self.wall(), beat=self.record.beat + 1, **changes)
             tmp = _temp(self.run_dir, record)
             os.replace(tmp, _gen_path(self.run_dir, self.gen))
             self.record = record
             self._renewed_at = self.clock()
 
+    def continue_attempts(self, *attempts: int) -> None:
+        """Say that this generation took these running attempts over (their ranks are then not fenced)."""
+        self.renew(continues=tuple(sorted(set(self.record.continues) | set(attempts))))
+
     def keep_alive(self, interval_s: float | None = None) -> "Lease":
-        """Renew from a daemon thread every ``interval_s`` (default a fifth of the duration)."""
-        interval = interval_s or max(0.2, self.record.duration_s / 5)
+        """Renew from a daemon thread every ``interval_s`` (default a sixth of the duration)."""
+        interval = interval_s or max(0.2, self.record.duration_s / RENEWALS_PER_LEASE)
 
         def loop():
             while not self._stop.wait(interval):
@@ -310,7 +214,7 @@ class Lease:
         with self._lock:
             if self._lost or self.superseded() is not None:
                 return
-            record = replace(self.record, released=True, renewed=self.wall())
+            record = replace(self.record, released=True, renewed=self.wall(), beat=self.record.beat + 1)
             try:
                 os.replace(_temp(self.run_dir, record), _gen_path(self.run_dir, self.gen))
             except OSError:
@@ -318,14 +222,25 @@ class Lease:
             self.record = record
             self._lost = "released"
 
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     def _prune(self) -> None:
         for gen in range(max(1, self.gen - KEEP_GENERATIONS * 4), self.gen - KEEP_GENERATIONS + 1):
             _gen_path(self.run_dir, gen).unlink(missing_ok=True)
 
 
+def hold(run_dir, *, wait_s: float = 0.0, continues: tuple[int, ...] = ()) -> Lease:
+    """Take the lease and keep it alive from a thread (use as ``with hold(run_dir) as lease:``)."""
+    return Lease.acquire(run_dir, wait_s=wait_s, continues=continues).keep_alive()
+
+
 @dataclass(frozen=True)
 class SupervisorHealth:
-    """What ``status`` shows about a job's supervisor (from the lease; no PID of another host is probed)."""
+    """What ``status`` shows about a job's supervisor (from the lease, judged on this host's clock)."""
 
     alive: bool
     host: str | None = None
@@ -348,11 +263,16 @@ class SupervisorHealth:
 
 
 def supervisor_health(run_dir, now: float | None = None) -> SupervisorHealth:
-    """The job's supervisor as its lease tells: alive, or gone (never started, released, expired or dead)."""
-    record = read_lease(run_dir)
+    """The job's supervisor as its lease tells: alive, or gone (never started, released, expired or dead).
+
+    Gone only when this host knows it (released, its process of this host gone, or no renewal seen
+    here for its duration); a holder this host has not watched long enough counts as alive.
+    ``heartbeat_age_s`` is for display: the holder's time stamp against this host's clock.
+    """
+    record, alive = judge_holder(run_dir)
     if record is None:
         return SupervisorHealth(alive=False)
-    return SupervisorHealth(alive=record.alive(now), host=record.owner.host, pid=record.owner.pid,
+    return SupervisorHealth(alive=alive is not False, host=record.owner.host, pid=record.owner.pid,
                             heartbeat_age_s=record.heartbeat_age(now), released=record.released)
 
 

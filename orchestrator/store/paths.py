@@ -9,12 +9,16 @@ Layout under ``$ORCHESTRATE_HOME`` (default ``~/.orchestrate``)::
         plan.json                  the frozen launch plan
         ledger/job.json            the job's record (the truth), ledger/attempt-<n>.json each attempt's
         lease/<gen>.json           who supervises the job (store/lease.py)
+        requests/<kind>.json       requests to the job: cancel (its supervisor), checkpoint and stop (its ranks)
         progress.jsonl             the worker's progress records (all attempts)
         output/                    default ``output_dir`` (checkpoints, final model)
         attempts/<n>/
             torchrun.log           the torchrun agent's stdout and stderr
             ranks/                 every rank's stdout/stderr (torchrun --log-dir)
             status.json            the worker's final record for the attempt
+            launch.json            where the local backend started it: host, PID namespace, agent PID
+
+Everything under the home is the user's alone: folders 0700, files 0600 (store/private.py).
 """
 from __future__ import annotations
 
@@ -75,3 +79,7 @@ class RunPaths:
 
     def status(self, attempt: int) -> Path:
         return self.attempt_dir(attempt) / STATUS_FILE
+
+    def launch_record(self, attempt: int) -> Path:
+        """Where the attempt was started (host and PID namespace): which host may judge its processes."""
+        return self.attempt_dir(attempt) / "launch.json"

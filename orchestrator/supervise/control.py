@@ -4,36 +4,84 @@ Every path to acting on a job goes through its lease (:mod:`orchestrator.store.l
 ``submit`` and ``resume`` take it atomically (two ``resume`` at once: exactly one wins,
 the other is told who supervises); ``--detach`` and a closed terminal hand it to a
 background supervisor with the holder's token; ``cancel`` asks the holder through a
-request file and acts itself only when nobody holds the lease.
+request file and acts itself only when nobody holds the lease. Whoever holds the lease
+keeps it alive from a thread for as long as it acts (kill graces included).
+
+Across hosts (login nodes sharing the home) a host acts only on what it can see: it probes and
+signals the processes of its own process table alone. ``resume`` of a job whose attempt still
+trains on another host refuses, naming that host; ``cancel`` of one stops it through the run
+directory (a stop request its ranks honour at their next step) and waits for the ranks' own end
+record; nothing is started while another attempt's ranks beat, and nothing is reported CANCELLED
+while they do (:mod:`.elsewhere`).
 """
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..backends import get_backend
-from ..backends.processes import job_processes, kill_job_processes, pid_alive, spawn_supervisor
+from ..backends.processes import attempt_root, job_processes, kill_job_processes, pid_alive, spawn_supervisor
 from ..errors import JobError
 from ..states import Failure, JobState
 from ..store import requests
-from ..store.lease import Lease, LeaseBusy, read_lease
+from ..store.lease import Lease, LeaseBusy, LeaseLost, hold, judge_holder, lease_duration
 from ..store.ledger import Job, Ledger
 from ..store.paths import orchestrate_home
+from . import elsewhere
 from .adopt import attempt_handle
 from .jobs import load_plan
 from .notify import notify_end
 from .supervisor import Supervisor
 
 TAKEOVER_WAIT_S = 60.0
+WATCH_MARGIN_S = 2.0     # watch a little longer than the window: one poll's worth of slack
 
 
-def take_job(job: Job, handoff_token: str | None = None) -> Lease:
-    """Take the job's lease and keep it alive from a thread; :class:`LeaseBusy` names the holder."""
-    return Lease.acquire(job.run_dir, handoff_token=handoff_token).keep_alive()
+def watch_s() -> float:
+    """How long an acting command may watch a lease or a beat it knows nothing about yet."""
+    return max(lease_duration(), elsewhere.beat_window()) + WATCH_MARGIN_S
+
+
+def running_here(job: Job) -> tuple[int, ...]:
+    """Open attempts of ``job`` with live processes in this host's process table (a taker continues them)."""
+    if job.backend != "local":
+        return ()
+    return tuple(a.n for a in job.attempts if a.is_open and attempt_root(job.id, a.n) is not None)
+
+
+def take_job(job: Job, handoff_token: str | None = None, wait_s: float = 0.0) -> Lease:
+    """Take the job's lease and keep it alive from a thread; :class:`LeaseBusy` names the holder.
+
+    The attempts still running here are continued by the new generation (their ranks stay unfenced).
+    """
+    return Lease.acquire(job.run_dir, handoff_token=handoff_token, wait_s=wait_s,
+                         continues=running_here(job)).keep_alive()
+
+
+def take_over(job: Job) -> Lease:
+    """``resume``: take a job whose supervisor is gone; :class:`LeaseBusy` if somebody holds it.
+
+    A lease this host has not watched yet is watched until a renewal is seen (held) or none for its
+    duration (gone). Refuses (:class:`JobError`, naming the host and what to run there) while the
+    job's open attempt runs on another host and its ranks beat: that host alone can supervise it,
+    and another attempt started beside it would train the job twice.
+    """
+    holder, alive = judge_holder(job.run_dir, wait_s=watch_s(), fresh=True)
+    if holder is not None and alive is not False:
+        raise LeaseBusy(holder)
+    if job.backend == "local":
+        plan = load_plan(job)
+        for record in [a for a in job.attempts if a.is_open]:
+            where = elsewhere.place(plan, record)
+            if not where.here and elsewhere.ranks_beat(job.run_dir, plan.paths.attempt_dir(record.n),
+                                                       wait_s=watch_s(), fresh=True) is not False:
+                raise JobError(elsewhere.runs_elsewhere_message(job, record, where, "resume"))
+    return take_job(job)
 
 
 def check_resumable(job: Job) -> None:
@@ -119,42 +167,63 @@ def cancel(ledger: Ledger, job: Job, timeout_s: float = 90.0) -> list[int]:
     """End the job, its supervisor and every process of it; return PIDs left (none, normally).
 
     A live supervisor is asked (a request file it acts on at its next poll); only when nobody
-    holds the job's lease does ``cancel`` take the lease and act itself.
+    holds the job's lease (released, its process here gone, or no renewal seen on this host's
+    clock for its duration) does ``cancel`` take the lease and act itself. It returns only once
+    no rank of the job beats any more, wherever it ran.
     """
     if not job.state.is_terminal:
         requests.make_request(job.run_dir, requests.CANCEL)
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s + watch_s()
     while True:
-        holder = read_lease(job.run_dir)
         job = ledger.get(job.id)
-        if job.state.is_terminal and (holder is None or not holder.alive()):
+        holder, alive = judge_holder(job.run_dir)
+        if alive is False and job.state.is_terminal:
             break
-        if holder is None or not holder.alive():
+        if alive is False:
             try:
-                _cancel_here(ledger, job)
+                _cancel_here(ledger, job, timeout_s)
                 break
-            except LeaseBusy:
-                pass  # a supervisor started just now: it sees the request
+            except (LeaseBusy, LeaseLost):
+                pass  # a supervisor started just now (it sees the request), or the lease is being replaced
         if time.monotonic() > deadline:
-            raise JobError(f"{job.id}: its supervisor ({holder.describe()}) did not act on the cancel request "
-                           f"within {timeout_s:.0f} s; it is still {job.state.value}")
+            who = holder.describe() if holder is not None else "none yet"
+            raise JobError(f"{job.id}: its supervisor ({who}) did not act on the cancel request within "
+                           f"{timeout_s:.0f} s; it is still {job.state.value}")
         time.sleep(0.2)
+    _ranks_ended_elsewhere(ledger.get(job.id), timeout_s)
     if not job_processes(job.id):
         return []
     try:  # orphans of an ended job (nobody holds it): end them under the lease
-        lease = Lease.acquire(job.run_dir)
-    except LeaseBusy:
+        lease = hold(job.run_dir)
+    except (LeaseBusy, LeaseLost):
         return [p.pid for p in job_processes(job.id)]
-    try:
+    with lease:
+        lease.check()
         return kill_job_processes(job.id, grace_s=10.0)
-    finally:
-        lease.release()
 
 
-def _cancel_here(ledger: Ledger, job: Job) -> None:
-    """Nobody supervises the job: take its lease, end its open attempts and processes, mark it CANCELLED."""
-    lease = Lease.acquire(job.run_dir)
-    try:
+def _ranks_ended_elsewhere(job: Job, timeout_s: float) -> None:
+    """Never CANCELLED while ranks beat: wait until the ranks of the job's attempts on other hosts end."""
+    if job.backend != "local" or not job.attempts:
+        return
+    plan = load_plan(job)
+    for record in job.attempts[-1:]:
+        where = elsewhere.place(plan, record)
+        adir = plan.paths.attempt_dir(record.n)
+        if not where.here and not elsewhere.wait_until_stopped(job.run_dir, adir, timeout_s):
+            raise JobError(f"{job.id} is recorded {job.state.value}, but the ranks of attempt {record.n} on "
+                           f"{where.host} still beat after {timeout_s:.0f} s; on {where.host} run: orchestrate cancel "
+                           f"{job.id}")
+
+
+def _cancel_here(ledger: Ledger, job: Job, timeout_s: float = 90.0) -> None:
+    """Nobody supervises the job: take its lease, end its open attempts and processes, mark it CANCELLED.
+
+    An attempt of this host is ended by signals; one of another host through the run directory (a stop
+    request its ranks honour at their next step), and only once its ranks have ended or fallen silent is
+    it recorded CANCELLED.
+    """
+    with hold(job.run_dir) as lease:
         plan = load_plan(job)
         if plan.backend == "slurm":   # its allocation waits in the queue (or is gone): scancel it
             from .remote import cancel_unsupervised
@@ -166,9 +235,13 @@ def _cancel_here(ledger: Ledger, job: Job) -> None:
             backend = get_backend(plan.backend)
         sup = Supervisor(plan, ledger, backend, lease)
         for record in [a for a in job.attempts if a.is_open]:
-            handle = attempt_handle(sup, record) if backend is not None else None
-            if handle is not None:
-                sup.kill(handle, grace_s=10.0)
+            where = elsewhere.place(plan, record) if backend is not None else None
+            if where is not None and not where.here:
+                _stop_elsewhere(sup, job, record, where, timeout_s)
+            else:
+                handle = attempt_handle(sup, record) if backend is not None else None
+                if handle is not None:
+                    sup.kill(handle, grace_s=10.0)
             sup.write_attempt(record.n, ended=time.time(), failure=Failure.CANCELLED.value, gained_checkpoint=0)
         lease.check()
         kill_job_processes(job.id, grace_s=10.0)
@@ -176,5 +249,13 @@ def _cancel_here(ledger: Ledger, job: Job) -> None:
             sup.write_job(state=JobState.CANCELLED, message="cancelled by the user", supervisor_pid=None)
             notify_end(sup.plan, JobState.CANCELLED)   # issue 19: launch.notify, if it asks for CANCELLED
         requests.clear(job.run_dir, requests.CANCEL)
-    finally:
-        lease.release()
+
+
+def _stop_elsewhere(sup: Supervisor, job: Job, record, where: elsewhere.Place, timeout_s: float) -> None:
+    """Stop an attempt of another host through the run directory and wait until its ranks have stopped."""
+    adir = sup.plan.paths.attempt_dir(record.n)
+    elsewhere.request_stop(job.run_dir, record.n, f"cancelled from {socket.gethostname()} (orchestrate cancel)")
+    sup.on_event(f"attempt {record.n} runs on {where.host}: asked its ranks to stop at their next step")
+    if not elsewhere.wait_until_stopped(job.run_dir, adir, timeout_s):
+        raise JobError(f"{job.id}: the ranks of attempt {record.n} on {where.host} still beat {timeout_s:.0f} s after "
+                       f"the stop request; not CANCELLED; on {where.host} run: orchestrate cancel {job.id}")

@@ -17,12 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..states import JobState
     from ..store.jobs import open_ledger, resolve_job
     from ..store.lease import LeaseBusy
+    from ..store.private import private_umask
     from .control import supervise, take_job
 
     def say(message: str) -> None:
         print(time.strftime("%Y-%m-%d %H:%M:%S"), message, flush=True)
 
     argv = sys.argv[1:] if argv is None else argv
+    private_umask()
     ledger = open_ledger()
     job = resolve_job(ledger, argv[0])
     token = os.environ.pop(ENV_HANDOFF, None)

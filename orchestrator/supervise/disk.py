@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..worker.checkpoints import list_checkpoints
 
@@ -68,11 +69,16 @@ def disk_full_message(output_dir: str | os.PathLike, where: str | None = None) -
             f"lower save_total_limit), then: orchestrate resume")
 
 
-def move_aside(output_dir: str | os.PathLike, paths: list[Path]) -> list[Path]:
-    """Move incomplete checkpoint folders into ``<output_dir>/.incomplete/``; return where they went."""
+def move_aside(output_dir: str | os.PathLike, paths: list[Path], *, fence: Callable[[], None]) -> list[Path]:
+    """Move incomplete checkpoint folders into ``<output_dir>/.incomplete/``; return where they went.
+
+    ``fence`` (the lease's check) runs before each move: a supervisor that lost the job moves nothing
+    (the folder may be the save its successor's attempt is writing right now).
+    """
     moved = []
     aside = Path(output_dir) / ASIDE_DIR
     for path in paths:
+        fence()
         target = aside / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
         n = 1
         while target.exists():

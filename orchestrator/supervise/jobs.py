@@ -1,16 +1,20 @@
 """Creating a job from a plan (run directory + ledger entry) and reading its frozen plan back."""
 from __future__ import annotations
 
-import shutil
+import os
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from ..config import ConfigError, JobConfig
 from ..errors import JobError
 from ..plan import LaunchPlan
+from ..store.lease import LeaseLost
 from ..store.ledger import Job, Ledger
 from ..store.paths import RunPaths
+from ..store.private import DIR_MODE, check_private_tree, ensure_private_dir, write_private
 from ..worker import channel
 from ..worker.checkpoints import list_checkpoints
 
@@ -43,14 +47,18 @@ def create_job(cfg: JobConfig, plan: LaunchPlan, ledger: Ledger) -> Job:
     """Write the run directory and the ledger entry; the job is PENDING afterwards."""
     check_output_dir(plan, cfg, ledger)
     paths = plan.paths
-    paths.run_dir.mkdir(parents=True, exist_ok=False)
+    ensure_private_dir(paths.run_dir.parent, "the jobs' folder")
+    paths.run_dir.mkdir(mode=DIR_MODE, exist_ok=False)
+    os.chmod(paths.run_dir, DIR_MODE)   # the job's controls (requests, lease, plan) are the owner's alone
+    # launch.env may carry tokens: the copies are 0600 (plan.json too: write_json_atomic makes 0600 files)
     if plan.overrides:   # issue 19: the frozen config is the file with the command line's KEY=VALUE set
-        paths.submitted_config.write_text(
-            f"# {cfg.source} with {' '.join(plan.overrides)} (orchestrate submit KEY=VALUE)\n"
-            + yaml.safe_dump(_with_overrides(yaml.safe_load(Path(cfg.source).read_text()), plan), sort_keys=False))
+        write_private(paths.submitted_config,
+                      f"# {cfg.source} with {' '.join(plan.overrides)} (orchestrate submit KEY=VALUE)\n"
+                      + yaml.safe_dump(_with_overrides(yaml.safe_load(Path(cfg.source).read_text()), plan),
+                                       sort_keys=False))
     else:
-        shutil.copyfile(cfg.source, paths.submitted_config)
-    paths.worker_config.write_text(yaml.safe_dump(dict(plan.worker_config), sort_keys=True))
+        write_private(paths.submitted_config, Path(cfg.source).read_text())
+    write_private(paths.worker_config, yaml.safe_dump(dict(plan.worker_config), sort_keys=True))
     channel.write_json_atomic(paths.plan, plan.to_dict())
     ledger.create_job(job_id=plan.job_id, name=plan.name, backend=plan.backend, run_dir=plan.run_dir,
                       config_path=str(cfg.source), output_dir=plan.output_dir,
@@ -59,27 +67,51 @@ def create_job(cfg: JobConfig, plan: LaunchPlan, ledger: Ledger) -> Job:
     return ledger.get(plan.job_id)
 
 
+def fenced_plan(plan: LaunchPlan, gen: int) -> LaunchPlan:
+    """``plan`` whose attempts carry lease generation ``gen`` to every rank (contract 2: the worker's fence)."""
+    return replace(plan, env={**plan.env, channel.ENV_LEASE_GEN: str(gen)})
+
+
+def start_fenced(backend, plan: LaunchPlan, lease, attempt: int, resume_from: str | None):
+    """Start an attempt (its ranks get the lease generation), checking the lease just before and just after.
+
+    Before: a pause since the attempt was written ahead, and a successor may have found it never started.
+    After: a holder paused while starting ends what it started (the successor owns the job) and leaves.
+    """
+    lease.check()
+    handle = backend.start(fenced_plan(plan, lease.gen), attempt, resume_from)
+    try:
+        lease.check()
+    except LeaseLost:
+        backend.kill(handle, grace_s=3.0)
+        raise
+    return handle
+
+
 def load_plan(job: Job) -> LaunchPlan:
-    """The job's frozen plan from its run directory."""
-    data = channel.read_json(RunPaths(Path(job.run_dir)).plan)
+    """The job's frozen plan from its run directory (refused unless the run directory is the user's own:
+    the plan names what the ranks execute)."""
+    paths = RunPaths(Path(job.run_dir))
+    check_private_tree(paths.plan, paths.run_dir, "the job's plan")
+    data = channel.read_json(paths.plan)
     if data is None:
         raise JobError(f"{job.id}: plan.json missing in {job.run_dir}")
     return LaunchPlan.from_dict(data)
 
 
-def replace_plan(job: Job, plan: LaunchPlan, attempt: int) -> Path:
+def replace_plan(job: Job, plan: LaunchPlan, attempt: int, *, fence: Callable[[], None]) -> Path:
     """Make ``plan`` the job's plan from attempt ``attempt + 1`` on (the lease holder only).
 
     The plan it replaces is kept as ``plan.<attempt>.json`` beside it (what attempts up to
-    ``attempt`` ran); ``plan.json`` and the worker's config are replaced atomically.
+    ``attempt`` ran); ``plan.json`` and the worker's config are replaced atomically. ``fence``
+    (the holder's lease check) runs first: a holder that lost the job replaces nothing.
     """
+    fence()
     paths = RunPaths(Path(job.run_dir))
     kept = paths.plan.with_name(f"plan.{attempt}.json")
     if paths.plan.exists() and not kept.exists():
-        shutil.copyfile(paths.plan, kept)
-    tmp = paths.worker_config.with_name(paths.worker_config.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(dict(plan.worker_config), sort_keys=True))
-    tmp.replace(paths.worker_config)
+        write_private(kept, paths.plan.read_text())
+    write_private(paths.worker_config, yaml.safe_dump(dict(plan.worker_config), sort_keys=True))
     channel.write_json_atomic(paths.plan, plan.to_dict())
     return kept
 

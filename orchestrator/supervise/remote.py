@@ -16,7 +16,7 @@ from ..backends.slurm.steps import EXCLUDE_AFTER, node_failures
 from ..errors import JobError
 from ..states import JobState
 from ..store import requests
-from ..store.lease import Lease, LeaseBusy, read_lease
+from ..store.lease import LeaseBusy, hold, judge_holder, lease_duration
 from ..store.ledger import Job, Ledger
 from ..store.paths import orchestrate_home
 from .jobs import load_plan, replace_plan
@@ -47,25 +47,25 @@ def resume(ledger: Ledger, job: Job, plan=None) -> str:
     info = allocation.allocation_state(job.scheduler_job_id)
     if info is not None and info.active:
         return f"{job.id} is already in SLURM job {info.job_id} ({info.state}); nothing to do"
-    try:
-        lease = Lease.acquire(job.run_dir)   # two resumes at once: one submits
+    try:   # two resumes at once: one submits; a dead holder's lease is judged on this host's clock
+        lease = hold(job.run_dir, wait_s=lease_duration() + 2)
     except LeaseBusy as busy:
         return f"{job.id} is already supervised by {busy.holder.describe()}; nothing to do"
-    try:
-        requests.clear(job.run_dir, requests.CANCEL, older_than=lease.record.acquired)
-        if job.state.is_terminal:
-            requests.make_request(job.run_dir, RESUME)
-        if plan is not None:
-            replace_plan(job, plan, max((a.n for a in job.attempts), default=0))
-        plan = load_plan(job)
-        exclude = tuple(sorted(n for n, k in node_failures(plan.run_dir).items() if k >= EXCLUDE_AFTER))
-        slurm_job = allocation.submit(plan, orchestrate_home(), exclude)
-        ledger.update_job(job.id, fence=lease.gen, scheduler_job_id=slurm_job,
-                          message=f"resumed: waiting for its allocation (SLURM job {slurm_job})")
-    except RuntimeError as exc:
-        raise JobError(f"{job.id}: SLURM refused the job: {exc}") from exc
-    finally:
-        lease.release()
+    with lease:
+        try:
+            requests.clear(job.run_dir, requests.CANCEL, older_than=lease.record.acquired)
+            if job.state.is_terminal:
+                requests.make_request(job.run_dir, RESUME)
+            if plan is not None:
+                replace_plan(job, plan, max((a.n for a in job.attempts), default=0), fence=lease.check)
+            plan = load_plan(job)
+            exclude = tuple(sorted(n for n, k in node_failures(plan.run_dir).items() if k >= EXCLUDE_AFTER))
+            lease.check()
+            slurm_job = allocation.submit(plan, orchestrate_home(), exclude)
+            ledger.update_job(job.id, fence=lease.gen, scheduler_job_id=slurm_job,
+                              message=f"resumed: waiting for its allocation (SLURM job {slurm_job})")
+        except RuntimeError as exc:
+            raise JobError(f"{job.id}: SLURM refused the job: {exc}") from exc
     return f"{job.id}: submitted as SLURM job {slurm_job}"
 
 
@@ -74,23 +74,26 @@ def cancel_unsupervised(job: Job) -> bool:
     return allocation.cancel_allocation(job.scheduler_job_id)
 
 
-def reconcile(ledger: Ledger, job: Job) -> str | None:
+def reconcile(ledger: Ledger, job: Job, info=None) -> str | None:
     """A SLURM job whose allocation ended while nobody supervised it (the batch step failed before its
     supervisor started, or the supervisor was killed with it): record how it ended. Returns what was
-    recorded, or ``None`` when there is nothing to do (it is queued, running, or supervised)."""
+    recorded, or ``None`` when there is nothing to do (it is queued, running, or supervised).
+
+    ``info``: what SLURM said of the allocation (:func:`reconcile_all` asks once for every job).
+    """
     if job.backend != "slurm" or job.state.is_terminal or not job.scheduler_job_id:
         return None
-    holder = read_lease(job.run_dir)
-    if holder is not None and holder.alive():
+    holder, alive = judge_holder(job.run_dir)
+    if holder is not None and alive is not False:
         return None
-    info = allocation.allocation_state(job.scheduler_job_id)
+    info = info if info is not None else allocation.allocation_state(job.scheduler_job_id)
     if info is None or info.active:
         return None   # queued, running, or not known to SLURM (yet): nothing to conclude
     try:
-        lease = Lease.acquire(job.run_dir)
+        lease = hold(job.run_dir)
     except LeaseBusy:
         return None
-    try:
+    with lease:
         log = Path(job.run_dir) / "slurm" / f"{job.scheduler_job_id}_0_log.err"
         tail = log.read_text(errors="replace").strip().splitlines()[-4:] if log.is_file() else []
         state = JobState.CANCELLED if info.state == "CANCELLED" else JobState.FAILED
@@ -102,8 +105,23 @@ def reconcile(ledger: Ledger, job: Job) -> str | None:
                                       failure="CANCELLED" if state is JobState.CANCELLED else "WORKER_LOST")
         ledger.update_job(job.id, fence=lease.gen, state=state, message=message)
         return message
-    finally:
-        lease.release()
+
+
+def reconcile_all(ledger: Ledger, jobs: list[Job]) -> dict[str, str]:
+    """:func:`reconcile` every unfinished SLURM job nobody supervises, with one batched squeue (and sacct) call
+    for all of them; ``{job id: what was recorded}``."""
+    todo = [j for j in jobs if j.backend == "slurm" and not j.state.is_terminal and j.scheduler_job_id
+            and judge_holder(j.run_dir)[1] is False]
+    if not todo:
+        return {}
+    infos = allocation.allocation_states([j.scheduler_job_id for j in todo])
+    said = {}
+    for job in todo:
+        info = infos.get(str(job.scheduler_job_id))
+        message = reconcile(ledger, job, info) if info is not None else None
+        if message:
+            said[job.id] = message
+    return said
 
 
 def follow(ledger: Ledger, job: Job, on_event: Callable[[str], None], cancel: Callable[[], None]) -> JobState:
@@ -137,5 +155,4 @@ def follow(ledger: Ledger, job: Job, on_event: Callable[[str], None], cancel: Ca
 
 
 def _no_live_lease(job: Job) -> bool:
-    rec = read_lease(job.run_dir)
-    return rec is None or not rec.alive()
+    return judge_holder(job.run_dir)[1] is False

@@ -29,6 +29,7 @@ from ..store.ledger import RUNNING, FencedOut, Ledger
 from ..store.progress import ProgressFollower, read_heartbeat
 from . import checkpoints, disk
 from .classify import Outcome, classify, job_state_after
+from .jobs import start_fenced
 from .notify import notify_end
 from .outcome import attempt_outcome, error_line
 from .policy import PastAttempt, decide
@@ -216,7 +217,7 @@ class Supervisor:
         self.lease.check()
         self.ledger.start_attempt(job_id, attempt, resumed_from=resume_from, start_step=start_step,
                                   fence=self.lease.gen)
-        handle = self.backend.start(self.plan, attempt, resume_from)
+        handle = start_fenced(self.backend, self.plan, self.lease, attempt, resume_from)
         self.write_attempt(attempt, **{"status": RUNNING, "pid": handle.pid or None, "pid_start": handle.pid_start,
                                        "host": handle.host, "external_id": handle.external_id,
                                        "world_size": self.plan.world_size, **self._facts(handle, attempt)})
@@ -270,10 +271,9 @@ class Supervisor:
         from ..plan.resize import resize_plan
         from .jobs import replace_plan
 
-        self.lease.check()
         job = self.ledger.get(self.plan.job_id)
         self.plan, said = resize_plan(self.plan, nnodes, self.plan.nproc_per_node)
-        replace_plan(job, self.plan, max((a.n for a in job.attempts), default=0))
+        replace_plan(job, self.plan, max((a.n for a in job.attempts), default=0), fence=self.lease.check)
         for line in said:
             self._event(line)
 
@@ -323,14 +323,15 @@ class Supervisor:
                     f"(see {Path(self.plan.run_dir) / 'supervisor.log'})")
 
     def _disk_full(self, detail: str) -> str:
-        return checkpoints.disk_full_detail(self.plan.output_dir, detail)
+        return checkpoints.disk_full_detail(self.plan.output_dir, detail, fence=self.lease.check)
 
     def _verified_step(self) -> int | None:
         return checkpoints.verified_step(self.plan.output_dir)
 
     def _resume_point(self) -> tuple[str | None, str | None]:
         """``(checkpoint to resume from or None, reason to stop instead)``."""
-        return checkpoints.resume_point(self.plan, self.ledger.get(self.plan.job_id).attempts, self._event)
+        return checkpoints.resume_point(self.plan, self.ledger.get(self.plan.job_id).attempts, self._event,
+                                        fence=self.lease.check)
 
     def _attempt_start_step(self, attempt: int) -> int:
         job = self.ledger.get(self.plan.job_id)

@@ -24,6 +24,7 @@ from . import channel
 from .checkpoints import latest_complete_checkpoint
 from .collectives import StepAgreement, distributed_info, gpu_memory, side_groups
 from .epochs import global_batch_of, pad_to_global_batch
+from .fence import halt, must_stop
 from .heartbeat import Heartbeat
 from .sample_log import install_sample_log
 from .save_manager import SaveManager
@@ -49,11 +50,14 @@ def now() -> float:
 
 
 class RequestWatcher:
-    """Rank 0: the time of the newest ``orchestrate checkpoint`` request, read off the step path."""
+    """Rank 0, off the step path: the time of the newest ``orchestrate checkpoint`` request, and why the
+    attempt must stop writing (:func:`~.fence.must_stop`: a newer lease generation, a stop request)."""
 
-    def __init__(self, path: Path, interval_s: float = REQUEST_POLL_S):
-        self.path, self.interval_s = path, interval_s
+    def __init__(self, wenv: WorkerEnv, interval_s: float = REQUEST_POLL_S):
+        self.run_dir, self.attempt, self.interval_s = wenv.progress.parent, wenv.attempt, interval_s
+        self.path = self.run_dir / channel.REQUESTS_DIR / f"{channel.CHECKPOINT_REQUEST}.json"
         self.asked = 0.0
+        self.halt_why = must_stop(self.run_dir, self.attempt)
         self._stop = threading.Event()
 
     def start(self) -> "RequestWatcher":
@@ -64,6 +68,7 @@ class RequestWatcher:
         while True:
             request = channel.read_json(self.path) or {}
             self.asked = max(self.asked, float(request.get("time") or 0))
+            self.halt_why = self.halt_why or must_stop(self.run_dir, self.attempt)   # once fenced, always
             if self._stop.wait(self.interval_s):
                 return
 
@@ -94,8 +99,17 @@ class OrchestrateCallback(TrainerCallback):
         self.agreed_why: dict = {}  # rank 0: why the agreed save that comes next is made
         self.restore, self.steps = RestoreTimer(), StepClock(wenv.attempt_dir, self.rank)   # goodput (issue 20)
 
+    def _halt_why(self) -> str | None:
+        """Rank 0: why this attempt must stop and write nothing more (fence, stop request), read off the
+        step path by the request thread once it runs, directly before."""
+        if self.rank != 0:
+            return None
+        if self.watcher is not None:
+            return self.watcher.halt_why
+        return must_stop(self.wenv.progress.parent, self.wenv.attempt)
+
     def _record(self, event: str, step: int, **fields) -> None:
-        if self.rank == 0:
+        if self.rank == 0 and not self._halt_why():   # fenced or asked to stop: writes nothing
             channel.append_jsonl(self.wenv.progress, {
                 "event": event, "attempt": self.wenv.attempt, "time": now(), "step": step, **fields})
 
@@ -111,8 +125,7 @@ class OrchestrateCallback(TrainerCallback):
         self.agreement = StepAgreement(control_group)
         self.saves.start()
         if self.rank == 0 and self.watcher is None:
-            self.watcher = RequestWatcher(self.wenv.progress.parent / channel.REQUESTS_DIR /
-                                          f"{channel.CHECKPOINT_REQUEST}.json").start()
+            self.watcher = RequestWatcher(self.wenv).start()
         self.heartbeat.phase("training", state.global_step)
         self._record("start", state.global_step, max_steps=state.max_steps, num_train_epochs=state.num_train_epochs,
                      resumed_from=self.resumed_from, world_size=self.info["world_size"],
@@ -133,6 +146,8 @@ class OrchestrateCallback(TrainerCallback):
         decided = self.agreement.read(step)  # due at the same step on every rank, with the same values
         if decided is not None:
             stop, save, launched = decided
+            if self.agreement.halted:        # fenced, or another host asked: every rank leaves, writing nothing
+                halt(self.wenv, self.rank, step, self._halt_why() or "rank 0 was told to stop")
             save = save and self.last_save_step < launched   # a save since the launch did what was asked
         if stop:
             self.stopped = True
@@ -144,7 +159,7 @@ class OrchestrateCallback(TrainerCallback):
             self.agreed_why, self.asked_why = self.asked_why, {}
             self.last_save = time.monotonic()
         if not stop and step < state.max_steps and self.agreement.ready():
-            self.agreement.launch(step, bool(self.stop), self._save_due())
+            self.agreement.launch(step, bool(self.stop), self._save_due(), halt=bool(self._halt_why()))
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):

@@ -61,11 +61,17 @@ ENV_SAVE_EVERY_S = "ORCHESTRATE_SAVE_EVERY_S"
 # reads CHECKPOINT_REQUEST ("save at the next step boundary", `orchestrate checkpoint`).
 REQUESTS_DIR = "requests"
 CHECKPOINT_REQUEST = "checkpoint"
+# requests/stop.json {"attempt": N, "reason": str, ...}: every attempt numbered N or less stops at its next step
+# boundary and writes nothing more (no log, no checkpoint): another host ends an attempt it cannot signal.
+STOP_REQUEST = "stop"
+# The job's lease (store/lease.py): <run_dir>/lease/%08d.json, the newest generation holds. ORCHESTRATE_LEASE_GEN
+# is the generation that started the attempt; a newer generation that does not list the attempt in its
+# "continues" fences it (see worker/fence.py).
+LEASE_DIR = "lease"
+LEASE_FILE = "{gen:08d}.json"
+ENV_LEASE_GEN = "ORCHESTRATE_LEASE_GEN"
 # Test-only faults inside the save path: see support.SaveFault.
 ENV_SAVE_FAULT = "ORCHESTRATE_SAVE_FAULT"
-# The lease generation the attempt's supervisor holds (set by the backend on every rank); rank 0
-# commits nothing once $ORCHESTRATE_RUN_DIR/lease/ holds a newer generation (worker/fence.py).
-ENV_LEASE_GEN = "ORCHESTRATE_LEASE_GEN"
 # Per-rank error record in the attempt directory: error-rank<R>.json.
 ERROR_FILE_PREFIX = "error-rank"
 

@@ -86,6 +86,7 @@ class StepAgreement:
         self.enabled = (os.environ.get(ENV_NO_AGREEMENT) != "1") if enabled is None else enabled
         self.clock = clock or time.monotonic
         self.period = 1
+        self.halted = False   # the last read agreed a halt (see launch)
         self._work = None
         self._flags = torch.zeros(3, dtype=torch.int32)
         self._launched: tuple[int, float] | None = None    # (step, clock) of the reduce in flight
@@ -95,8 +96,11 @@ class StepAgreement:
         """No reduce in flight: the caller launches one now (every rank at the same step)."""
         return self.enabled and self._launched is None
 
-    def launch(self, step: int, stop: bool, save: bool) -> None:
-        """This rank's flags, read back (every rank's together) at ``step + period``."""
+    def launch(self, step: int, stop: bool, save: bool, halt: bool = False) -> None:
+        """This rank's flags, read back (every rank's together) at ``step + period``.
+
+        ``halt`` (rank 0 fenced, or a stop request from another host) is a stop that writes nothing:
+        it travels as a larger value of the stop flag, and :attr:`halted` says it was agreed."""
         now = self.clock()
         proposal = 1
         if self._previous is not None and step > self._previous[0]:
@@ -104,7 +108,7 @@ class StepAgreement:
             proposal = max(1, min(self.MAX_PERIOD, int(self.TARGET_S / max(per_step, 1e-6))))
         self._launched = self._previous = (step, now)
         # one MAX reduce for all three: any stop, any save, and the smallest proposal (as -max(-p))
-        self._flags = torch.tensor([int(bool(stop)), int(bool(save)), -proposal], dtype=torch.int32)
+        self._flags = torch.tensor([2 if halt else int(bool(stop)), int(bool(save)), -proposal], dtype=torch.int32)
         if self.distributed:
             self._work = dist.all_reduce(self._flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
 
@@ -117,6 +121,7 @@ class StepAgreement:
             self._work = None
         stop, save, neg = self._flags.tolist()   # a CPU tensor: no device sync
         launched, self._launched, self.period = self._launched[0], None, max(1, -neg)
+        self.halted = stop >= 2
         return bool(stop), bool(save), launched
 
     def drain(self) -> None:

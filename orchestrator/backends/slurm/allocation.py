@@ -20,7 +20,7 @@ from ...plan import slurm as slurm_plan
 from ...states import JobState
 from ...worker import channel
 from .queue import SlurmQueue
-from .states import JobInfo
+from .states import JobInfo, parse_sacct, sacct_argv
 from .submit import Runner, run_command, submit_allocation
 
 ALLOCATIONS = "allocations.jsonl"   # <run_dir>/slurm/allocations.jsonl: one record per allocation event
@@ -46,6 +46,34 @@ def allocation_state(slurm_job: str | None, runner: Runner = run_command) -> Job
     return SlurmQueue(runner).info(str(slurm_job), force=True)
 
 
+def allocation_states(slurm_jobs: list[str], runner: Runner = run_command) -> dict[str, JobInfo]:
+    """What SLURM says of several allocations: one squeue call (and one sacct call for those it forgot)."""
+    queue = SlurmQueue(runner)
+    for job in slurm_jobs:
+        queue.watch(str(job))
+    queue.refresh()
+    return {str(j): queue.known[str(j)] for j in slurm_jobs if str(j) in queue.known}
+
+
+def accounted_state(slurm_job: str, runner: Runner = run_command, wait_s: float = 3.0,
+                    sleep=time.sleep) -> JobInfo | None:
+    """The allocation's base state as SLURM's accounting (``sacct``) records it, once it left RUNNING.
+
+    squeue's ``%T`` (and scontrol) say COMPLETING while a cancelled job's processes end; sacct says
+    ``CANCELLED by <uid>`` at once (slurmdbd may lag a second, hence the short wait, well inside
+    KillWait). ``None``: still running as far as accounting knows, or unknown.
+    """
+    end = time.monotonic() + wait_s
+    while True:
+        rc, out, _ = runner(sacct_argv([str(slurm_job)]))
+        info = parse_sacct(out).get(str(slurm_job)) if rc == 0 else None
+        if info is not None and info.state not in ("RUNNING", "COMPLETING", "CONFIGURING"):
+            return info
+        if time.monotonic() >= end:
+            return None
+        sleep(0.5)
+
+
 def cancel_allocation(slurm_job: str | None, runner: Runner = run_command, wait_s: float = 90.0) -> bool:
     """``scancel`` the allocation and wait until it left the queue; True if it did."""
     if not slurm_job:
@@ -64,10 +92,11 @@ def cancel_allocation(slurm_job: str | None, runner: Runner = run_command, wait_
     return False
 
 
-def ending_state(slurm_job: str):
-    """Asked when the batch step gets SIGTERM: a user's scancel ends the job CANCELLED; otherwise (a
-    preemption that requeues it, the time limit) it goes on in a new allocation."""
+def ending_state(slurm_job: str, runner: Runner = run_command):
+    """Asked when the batch step gets SIGTERM: a user's scancel ends the job CANCELLED (read from sacct's
+    base state: squeue still says COMPLETING then); otherwise (a preemption that requeues it, the time
+    limit) it goes on in a new allocation."""
     def decide() -> JobState | None:
-        info = allocation_state(slurm_job)
+        info = accounted_state(slurm_job, runner)
         return JobState.CANCELLED if info is not None and info.state == "CANCELLED" else None
     return decide

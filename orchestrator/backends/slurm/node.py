@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ...plan import slurm as slurm_plan
 from ...worker import channel
+from . import rendezvous
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
 AGENT_LOG = "torchrun.log"
@@ -71,12 +72,22 @@ def run_node(spec: dict, environ=None) -> dict:
     record: dict = {"node": node, "nnodes": nnodes, "hostname": socket.gethostname(), "slurm_job_id": slurm_job,
                     "slurm_step_id": step, "nodes": hostnames, "pid": os.getpid(), "started": time.time()}
     channel.write_json_atomic(ndir / slurm_plan.NODE_RECORD, record)
-    endpoint = f"{first_node_address(hostnames)}:{slurm_plan.rendezvous_port(slurm_job, attempt)}"
-    argv = slurm_plan.node_argv(plan, attempt, node=node, nnodes=nnodes, endpoint=endpoint,
-                                rdzv_id=f"{slurm_job}-{attempt}", python=sys.executable)
-    env = {**os.environ, **slurm_plan.node_env(plan, attempt, resume_from, node=node, slurm_job_id=slurm_job)}
-    record.update(endpoint=endpoint, argv=argv)
-    rc, received = run_agent(argv, env, plan.workdir, ndir / AGENT_LOG)
+    # The store's port: reserved on the first node (no other job's step there holds it), published to the others.
+    held = rendezvous.reserve(slurm_plan.rendezvous_port(slurm_job, attempt)) if node == 0 else None
+    try:
+        if held is not None:
+            endpoint = f"{first_node_address(hostnames)}:{held.port}"
+            rendezvous.publish(plan, attempt, endpoint)
+        else:
+            endpoint = rendezvous.published(plan, attempt)
+        argv = slurm_plan.node_argv(plan, attempt, node=node, nnodes=nnodes, endpoint=endpoint,
+                                    rdzv_id=f"{slurm_job}-{attempt}", python=sys.executable)
+        env = {**os.environ, **slurm_plan.node_env(plan, attempt, resume_from, node=node, slurm_job_id=slurm_job)}
+        record.update(endpoint=endpoint, argv=argv)
+        rc, received = run_agent(argv, env, plan.workdir, ndir / AGENT_LOG)
+    finally:
+        if held is not None:
+            held.close()
     record.update(exit_code=rc, signals=received, ended=time.time())
     channel.write_json_atomic(ndir / slurm_plan.NODE_RECORD, record)
     if rc not in (0, channel.EXIT_STOPPED):
@@ -86,10 +97,18 @@ def run_node(spec: dict, environ=None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m orchestrator.backends.slurm.node STEP_SPEC``: one task of an attempt's job step."""
+    from ...store.private import NotPrivate, check_private_tree, private_umask
+
     argv = sys.argv[1:] if argv is None else argv
+    private_umask()
     spec = channel.read_json(argv[0])
     if spec is None:
         print(f"orchestrate: no step spec at {argv[0]}", file=sys.stderr)
+        return 2
+    try:   # the spec names what this node executes: only if nobody but its owner could have written it
+        check_private_tree(argv[0], spec["plan"]["run_dir"], "the step spec")
+    except NotPrivate as exc:
+        print(f"orchestrate: refusing to run: {exc}", file=sys.stderr)
         return 2
     try:
         run_node(spec)

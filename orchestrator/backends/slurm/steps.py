@@ -146,7 +146,7 @@ class SlurmStepBackend:
         if proc is not None and proc.poll() is None:
             self._mind_time_limit(handle)
             return None
-        if proc is None and handle.external_id == self.job and self._step_alive(handle.attempt):
+        if proc is None and self._job_of(handle) == self.job and self._step_alive(handle.attempt):
             return None
         record = channel.read_json(adir / slurm_plan.JOB_RECORD) or {}
         if not record.get("nodes"):   # never launched
@@ -164,14 +164,18 @@ class SlurmStepBackend:
     def signal(self, handle: AttemptHandle, signame: str) -> None:
         step = self._step_id(Path(handle.attempt_dir))
         if step is not None:
-            self.runner(["scancel", "--signal=" + signame.upper().removeprefix("SIG"), f"{self.job}.{step}"])
+            self.runner(["scancel", "--signal=" + signame.upper().removeprefix("SIG"),
+                         f"{self._job_of(handle)}.{step}"])
 
     def kill(self, handle: AttemptHandle, grace_s: float = 10.0) -> list[int]:
-        """``scancel`` of the step (or srun itself, before the step exists); wait for srun to end."""
+        """``scancel`` of the step (or srun itself, before the step exists); wait for srun to end.
+
+        The step is named by the SLURM job the attempt ran in (its own record), which after a relocation
+        is not this allocation: ``<this job>.<step>`` would be another attempt's step, or nothing."""
         step = self._step_id(Path(handle.attempt_dir))
         proc = self._procs.get(handle.attempt)
         if step is not None:
-            self.runner(["scancel", f"{self.job}.{step}"])
+            self.runner(["scancel", f"{self._job_of(handle)}.{step}"])
         elif proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)   # srun passes it to the tasks, then cancels the step
         if proc is None:
@@ -222,6 +226,12 @@ class SlurmStepBackend:
                 f"{where.relocate})", new)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _job_of(self, handle: AttemptHandle) -> str:
+        """The SLURM job the attempt ran in: its own record (``slurm.json``), else its handle, else this one."""
+        record = channel.read_json(Path(handle.attempt_dir) / slurm_plan.JOB_RECORD) or {}
+        external = (handle.external_id or "").split(".", 1)[0]
+        return str(record.get("job_id") or external or self.job)
+
     def _mind_time_limit(self, handle: AttemptHandle) -> None:
         """Send the running step the time-limit signal if SLURM's has not reached it and time is short."""
         if handle.attempt in self._signalled:
