@@ -48,7 +48,7 @@ def test_a_new_checkpoint_of_a_later_stage_is_progress_and_its_incomplete_ones_a
     make_checkpoint(Path(plan.output_dir) / "stage-2", 4, marker=False)   # killed while saving
     assert progress_mark(plan) == (4, 2)
     events = []
-    assert resume_point(plan, [], events.append) == (str(Path(plan.output_dir) / "checkpoint-4"), None)
+    assert resume_point(plan, [], events.append, fence=lambda: None) == (str(Path(plan.output_dir) / "checkpoint-4"), None)
     assert not (Path(plan.output_dir) / "stage-2" / "checkpoint-4").exists()
     assert any("stage-2/checkpoint-4" in e and "moved to" in e for e in events), events
     assert progress_mark(_plan(tmp_path, script=None)) == (4,)   # train_worker.py jobs: the job's folder only

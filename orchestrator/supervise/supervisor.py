@@ -176,7 +176,7 @@ class Supervisor:
                     return self._finish(JobState.FAILED, stop_reason)
                 if self._relocated(last_failure):
                     return None
-                mark, start_step = checkpoints.progress_mark(self.plan), self._verified_step() or 0
+                mark, start_step = checkpoints.progress_mark(self.plan), checkpoints.verified_step(self.plan.output_dir) or 0
                 handle = self._start(attempt, resume_from, start_step)
                 self._event(f"attempt {attempt} started" + (f", resuming from {resume_from}" if resume_from else ""))
             self._current, self._attempt_n = handle, attempt
@@ -324,9 +324,6 @@ class Supervisor:
 
     def _disk_full(self, detail: str) -> str:
         return checkpoints.disk_full_detail(self.plan.output_dir, detail, fence=self.lease.check)
-
-    def _verified_step(self) -> int | None:
-        return checkpoints.verified_step(self.plan.output_dir)
 
     def _resume_point(self) -> tuple[str | None, str | None]:
         """``(checkpoint to resume from or None, reason to stop instead)``."""

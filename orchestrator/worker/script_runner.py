@@ -47,10 +47,6 @@ from orchestrator.worker.support import (StopFlag, WorkerEnv, end_failed_rank, e
 
 SCRIPT_PHASE = "script"     # the heartbeat's phase while no Trainer trains
 RUNNER_METHODS = ("train", "add_callback")   # what the runner itself wraps or calls
-# What today's save path wraps or replaces (orchestrator/worker/save_hooks.py, async_save.py); issue 18.1's save
-# manager brings its own list (contract 4 of the team notes), which missing_trainer_hooks then uses instead.
-SAVE_METHODS = ("_save_checkpoint", "save_model", "_save_optimizer_and_scheduler", "_save_rng_state", "evaluate")
-SAVE_MODULE_GLOBALS = ("save_fsdp_model", "save_fsdp_optimizer")   # transformers.trainer's, swapped per save
 
 
 class _Stopped(BaseException):
@@ -85,19 +81,10 @@ if __name__ == "__main__":
 def missing_trainer_hooks(trainer_or_class) -> list[str]:
     """The private Trainer attributes the runner and the save path rely on that the installed transformers lacks."""
     cls = trainer_or_class if isinstance(trainer_or_class, type) else type(trainer_or_class)
+    from orchestrator.worker.save_manager import missing_trainer_hooks as save_path_missing   # the save manager's own list
+
     missing = [f"{cls.__name__}.{name}" for name in RUNNER_METHODS if not callable(getattr(cls, name, None))]
-    try:
-        from orchestrator.worker.save_manager import missing_trainer_hooks as save_path_missing
-    except ImportError:   # today's save hooks
-        return missing + _save_hooks_missing(cls)
     return missing + save_path_missing(cls)
-
-
-def _save_hooks_missing(cls) -> list[str]:
-    import transformers.trainer as tt
-
-    missing = [f"{cls.__name__}.{name}" for name in SAVE_METHODS if not callable(getattr(cls, name, None))]
-    return missing + [f"transformers.trainer.{name}" for name in SAVE_MODULE_GLOBALS if not hasattr(tt, name)]
 
 
 def supported_transformers() -> str:
