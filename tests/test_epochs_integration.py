@@ -74,6 +74,25 @@ def _attempt(run, attempt, demo, data, training, env_extra=None) -> int:
     return _wait(_launch(run, attempt, demo, data, training, env_extra), run, attempt)
 
 
+def _attempt_killed(run, attempt, demo, data, training, rank: int, step: int, after_checkpoint: int) -> int:
+    """An attempt whose ``rank`` is killed with SIGKILL at the start of ``step``, once the checkpoint of step
+    ``after_checkpoint`` is committed: the rank is held at that step (the test-only hang), the test waits for
+    the checkpoint's record, then kills it (a kill at the step itself could come before a background commit
+    on a busy machine)."""
+    import psutil
+
+    proc = _launch(run, attempt, demo, data, training, {"ORCHESTRATE_FAULT": f"hang:{rank}:{step}:always"})
+    deadline = time.monotonic() + 300
+    while not any(r["attempt"] == attempt and r["step"] == after_checkpoint for r in _records(run, "checkpoint")):
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint-%d in attempt %d" % (
+            after_checkpoint, attempt)
+        time.sleep(0.05)
+    ranks = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "train_worker.py" in " ".join(p.cmdline())}
+    ranks[rank].send_signal(signal.SIGKILL)
+    return _wait(proc, run, attempt)
+
+
 def _records(run: Path, event: str) -> list[dict]:
     return [r for r in channel.read_progress(run / channel.PROGRESS_FILE) if r["event"] == event]
 
@@ -118,8 +137,8 @@ def test_epochs_with_eval_and_the_best_model_survive_kills_at_an_epochs_end_and_
 
     run = tmp_path / "faulted"
     faulted = {**BEST_RUN, "greater_is_better": True}
-    assert _attempt(run, 1, demo_assets, data, faulted, {"ORCHESTRATE_FAULT": "exit:1:6"}) != 0
-    assert _attempt(run, 2, demo_assets, data, faulted, {"ORCHESTRATE_FAULT": "exit:0:8:always"}) != 0
+    assert _attempt_killed(run, 1, demo_assets, data, faulted, rank=1, step=6, after_checkpoint=3) != 0
+    assert _attempt_killed(run, 2, demo_assets, data, faulted, rank=0, step=8, after_checkpoint=6) != 0
     assert _attempt(run, 3, demo_assets, data, faulted) == 0, (run / "attempts/3/torchrun.log").read_text()[-3000:]
 
     out = run / "output"
@@ -147,8 +166,8 @@ def test_epochs_with_eval_and_the_best_model_survive_kills_at_an_epochs_end_and_
 
 
 def test_a_fenced_rank_0_commits_no_checkpoint_and_deletes_nothing(tmp_path, demo_assets):
-    """Contract 2: once a newer lease generation exists, the saves of this attempt stay unmarked and the
-    older complete checkpoint stays, although save_total_limit 1 would rotate it away."""
+    """Contract 2: once a newer lease generation exists, the saves of this attempt stay unmarked, the older
+    complete checkpoint stays although save_total_limit 1 would rotate it away, and every rank stops."""
     run = tmp_path / "run"
     (run / "lease").mkdir(parents=True)
     (run / "lease" / "00000001.json").write_text("{}")
@@ -161,12 +180,15 @@ def test_a_fenced_rank_0_commits_no_checkpoint_and_deletes_nothing(tmp_path, dem
         time.sleep(0.05)
     assert [r["step"] for r in _records(run, "checkpoint")] == [2]
     (run / "lease" / "00000002.json").write_text("{}")
-    assert _wait(proc, run, 1) == 0
+    # every rank stops at the next agreed step boundary, writing nothing more (its end record aside)
+    assert _wait(proc, run, 1) != 0                 # torchrun's own code; each rank's is EXIT_STOPPED (below)
     out = run / "output"
     assert [r["step"] for r in _records(run, "checkpoint")] == [2]
-    assert [s for s, _ in list_checkpoints(out)] == [8, 6, 4, 2]
     assert [s for s, p in list_checkpoints(out) if read_marker(p)] == [2] and verify_checkpoint(out / "checkpoint-2",
                                                                                                 2).ok
+    end = _records(run, "end")
+    assert len(end) == 1 and end[0]["state"] == channel.WORKER_STOPPED and "lease generation 2" in end[0]["halted"]
+    assert end[0]["step"] < 8 and not (out / "model.safetensors").exists()     # no final model either
     log = (run / "attempts" / "1" / "torchrun.log").read_text()
-    assert "fenced: the marker of checkpoint-4 not done; lease generation 2 exists and this attempt runs " \
-           "under generation 1" in log
+    assert "lease generation 2 exists and this attempt runs under generation 1" in log
+    assert log.count(f"exitcode  : {channel.EXIT_STOPPED} ") == 2 and log.count("without writing anything more") == 2
