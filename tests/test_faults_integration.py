@@ -126,17 +126,19 @@ def test_c_sigterm_to_the_job_is_a_graceful_preemption(tmp_path, demo_assets):
 
 def test_d_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, demo_assets):
     home = tmp_path / "home"
-    cfg = _config(tmp_path, demo_assets, launch={"retry": {"backoff_s": 6}})
-    job_id = _detach(home, cfg, tmp_path, env_extra={"ORCHESTRATE_FAULT": "exit:1:13"})
+    cfg = _config(tmp_path, demo_assets, launch={"watchdog": {"stall_floor_s": 120, "startup_timeout_s": 300}})
+    # Rank 1 is held at step 13 (attempt 1 only); the newest checkpoint rots; then rank 1 dies. (A lost rank's
+    # first retry starts at once, so the rot comes before the death, not during a backoff.)
+    job_id = _detach(home, cfg, tmp_path, env_extra={"ORCHESTRATE_FAULT": "hang:1:13"})
     run_dir = status(home, job_id)["run_dir"]
-    # Attempt 1 dies at step 13; while the supervisor backs off, the newest checkpoint rots.
-    wait_for(lambda: (status(home, job_id)["attempts"] or [{}])[0].get("ended"), 300, "attempt 1 to end")
+    wait_for(lambda: _checkpoint_at_least(run_dir, 10), 300, "checkpoint 10")
     ckpt = Path(status(home, job_id)["output_dir"]) / "checkpoint-10"
     # the model's weights: one shard per rank (sharded, the default) or model.safetensors (FULL_STATE_DICT)
     newest = max([*ckpt.glob("pytorch_model_fsdp_0/*.distcp"), *ckpt.glob("model.safetensors")],
                  key=lambda f: f.stat().st_size)
     with open(newest, "r+b") as f:
         f.truncate(newest.stat().st_size // 2)
+    os.kill(wait_for(lambda: _rank_pid(job_id, 1), 30, "rank 1"), signal.SIGKILL)
     job = _wait_state(home, job_id)
     assert_failures(job, "KILLED")
     assert job["attempts"][1]["resumed_from"].endswith("checkpoint-5")
