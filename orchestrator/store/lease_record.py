@@ -190,19 +190,6 @@ def _temp(run_dir, record: LeaseRecord) -> Path:
     return tmp
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _create_exclusive(run_dir, record: LeaseRecord) -> bool:
     """Create generation ``record.gen`` complete, or return False if another holder created it first.
 
@@ -216,12 +203,12 @@ def _create_exclusive(run_dir, record: LeaseRecord) -> bool:
         os.link(tmp, target)
         if os.environ.get(ENV_LEASE_FAULT) == "eexist_after_link":
             raise FileExistsError(17, "File exists (injected: a retransmitted NFS LINK)", str(target))
-        _fsync_dir(_dir(run_dir))
+        channel.fsync_dir(_dir(run_dir))
         return True
     except FileExistsError:
         there = _read_gen(run_dir, record.gen)
         if there is not None and there.owner.token == record.owner.token:
-            _fsync_dir(_dir(run_dir))
+            channel.fsync_dir(_dir(run_dir))
             return True
         return False
     finally:

@@ -97,6 +97,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a folder's entries (files created or renamed in it) durable; a no-op where folders cannot be
+    opened (some network filesystems refuse it: their create/rename is synchronous there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one record as a single line; one ``write`` call so lines never interleave."""
     line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"

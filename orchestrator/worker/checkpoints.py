@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import channel
-from .channel import CHECKPOINT_MARKER, read_json
+from .channel import CHECKPOINT_MARKER, fsync_dir, read_json
 
 TRAINER_STATE = "trainer_state.json"
 MARKER_FORMAT = 2      # 2: the files every rank reported (gathered), checked against DCP's .metadata
@@ -154,21 +154,6 @@ def write_checkpoint_marker(path: str | os.PathLike, step: int, files: dict[str,
     channel.write_json_atomic(Path(path) / CHECKPOINT_MARKER, record)
     fsync_dir(path)
     return record
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a folder's entries (files created or renamed in it) durable; a no-op where folders cannot be
-    opened (some network filesystems refuse it: their create/rename is synchronous there)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_marker(path: str | os.PathLike) -> dict | None:

@@ -27,7 +27,8 @@ from typing import Callable
 
 from .async_save import persist
 from .channel import CHECKPOINT_MARKER
-from .checkpoints import DCP_METADATA, TRAINER_STATE, fsync_dir, write_checkpoint_marker
+from .channel import fsync_dir
+from .checkpoints import DCP_METADATA, TRAINER_STATE, write_checkpoint_marker
 from .fence import Fence, Fenced
 
 _PER_RANK = re.compile(r"^(?:rng_state_(\d+)\.pth|__(\d+)_\d+\.distcp)$")   # transformers' RNG state, DCP's shards
