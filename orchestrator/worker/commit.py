@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .async_save import persist
-from .channel import CHECKPOINT_MARKER
-from .channel import fsync_dir
+from .channel import CHECKPOINT_MARKER, fsync_dir
 from .checkpoints import DCP_METADATA, TRAINER_STATE, write_checkpoint_marker
 from .fence import Fence, Fenced
 
