@@ -221,8 +221,8 @@ class ScriptRun:
         and the script goes on from the weights it trained."""
         from transformers.trainer_utils import TrainOutput
 
-        stage.callback.hooks.close()
         state = stage.trainer.state
+        stage.callback.on_train_end(stage.trainer.args, state, None)   # what train()'s end would do: saves closed
         loss = next((h["train_loss"] for h in reversed(state.log_history) if "train_loss" in h), None)
         loss = loss if loss is not None else next((h["loss"] for h in reversed(state.log_history) if "loss" in h), 0.0)
         print(f"[orchestrate] stage {stage.n}: already trained to step {state.global_step} ({stage.resume}); "
