@@ -6,19 +6,23 @@ batch: 16 samples on 2 ranks with accelerate's ``even_batches``, 8 on 1 rank); e
 8 steps. The same job is killed at step 10 (no retry budget, so it ends FAILED), resumed by hand on 1
 rank (``resume --nproc-per-node 1``: gradient accumulation doubles, the global batch stays 16), which
 trains across the end of epoch 1 (step 13), killed again at step 18, and resumed on 2 ranks to the
-end. Each optimizer step must train on the same samples as in the reference (recorded by the
+end. Each kill is a SIGKILL from outside once the checkpoint before it is committed (the test-only hang
+holds the rank at the step meanwhile, so a busy machine cannot make the kill come first). Each optimizer step must train on the same samples as in the reference (recorded by the
 test-only ``ORCHESTRATE_RECORD_SAMPLES``), and the loss and learning rate of every step must match the
 reference up to floating-point summation order.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from orch_helpers import orch, progress, status, wait_end, write_config
+from orch_helpers import orch, progress, start_orch, status, wait_end, wait_for, write_config
 
+from orchestrator.backends.processes import rank_pids
 from orchestrator.worker.checkpoints import read_marker
 
 pytestmark = pytest.mark.integration
@@ -41,13 +45,25 @@ def _data(tmp_path, assets) -> Path:
     return data
 
 
-def _run(tmp_path, assets, name, env, launch=None):
+def _checkpointed(run_dir, attempt: int, step: int) -> bool:
+    return any(r["event"] == "checkpoint" and r["attempt"] == attempt and r["step"] == step for r in progress(run_dir))
+
+
+def _kill_after_checkpoint(home, job_id: str, attempt: int, step: int, rank: int) -> None:
+    run_dir = status(home, job_id)["run_dir"]
+    wait_for(lambda: _checkpointed(run_dir, attempt, step), 300, f"checkpoint-{step} of attempt {attempt}")
+    os.kill(wait_for(lambda: rank_pids(job_id).get(rank), 30, f"rank {rank}"), signal.SIGKILL)
+
+
+def _run(tmp_path, assets, name, env, launch=None, kill=None):
     cfg = write_config(tmp_path, assets, name=name, launch={"retry": {"max_restarts": 0}, **(launch or {})},
                        **TRAINING, dataset_path=str(_data(tmp_path, assets)))
     home = tmp_path / "home"
     r = orch(home, "submit", "--detach", str(cfg), cwd=tmp_path, env_extra={**RECORD, **env}, timeout=120)
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip()
+    if kill:
+        _kill_after_checkpoint(home, job_id, *kill)
     return home, job_id, _wait_end(home, job_id)
 
 
@@ -78,12 +94,14 @@ def test_two_one_two_ranks_trains_on_the_same_samples_with_the_same_loss(tmp_pat
     home, ref_id, ref = _run(tmp_path, demo_assets, "reference", {})
     assert ref["state"] == "COMPLETED", ref["message"]
 
-    home, job_id, job = _run(tmp_path, demo_assets, "resized", {"ORCHESTRATE_FAULT": "exit:1:10"})
+    home, job_id, job = _run(tmp_path, demo_assets, "resized", {"ORCHESTRATE_FAULT": "hang:1:10"}, kill=(1, 8, 1))
     assert job["state"] == "FAILED" and [a["failure"] for a in job["attempts"]] == ["KILLED"]
-    r = orch(home, "resume", job_id, "--nproc-per-node", "1", cwd=tmp_path, timeout=600,
-             env_extra={**RECORD, "ORCHESTRATE_FAULT": "exit:0:18:always"})
-    assert r.returncode == 1, r.stdout + r.stderr                      # killed again: FAILED
-    assert "global batch 16 kept (micro-batch 8 -> 8, gradient accumulation 1 -> 2)" in r.stderr
+    proc = start_orch(home, "resume", job_id, "--nproc-per-node", "1", cwd=tmp_path,
+                      env_extra={**RECORD, "ORCHESTRATE_FAULT": "hang:0:18:always"})
+    _kill_after_checkpoint(home, job_id, 2, 16, 0)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out + err                              # killed again: FAILED
+    assert "global batch 16 kept (micro-batch 8 -> 8, gradient accumulation 1 -> 2)" in err
     r = orch(home, "resume", job_id, "--nproc-per-node", "2", cwd=tmp_path, timeout=600, env_extra=RECORD)
     assert r.returncode == 0, r.stdout + r.stderr
     job = status(home, job_id)
