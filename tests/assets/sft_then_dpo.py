@@ -27,6 +27,7 @@ def full_weights(trainer):
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
+    trainer.accelerator.wait_for_everyone()   # rank 0 writes the folder; every rank reads it next
 
 
 def preference_pairs(chats, n):
