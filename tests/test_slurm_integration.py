@@ -178,9 +178,10 @@ def test_c_a_killed_rank_restarts_in_place_before_a_waiting_job_gets_the_nodes(t
         ckpt = int(second["resumed_from"].rsplit("-", 1)[1])
         assert min(r["step"] for r in _logs(run, 2)) == ckpt + 1             # nothing before it is redone or lost
         _timing("rank killed -> next training step (in place)", _logs(run, 2)[0]["time"] - t_kill)
-        end_ours = _sacct(slurm_job)[2]
-        start_rival = wait_for(lambda: (lambda f: f[1] if f and f[1] not in ("", "Unknown", "None") else None)(
-            _sacct(rival)), 60, "the competing job to start")
+        known = lambda f, i: f[i] if f and f[i] not in ("", "Unknown", "None") else None   # noqa: E731
+        # sacct records an end a moment after the allocation ends (slurmdbd): wait for both times to be known
+        end_ours = wait_for(lambda: known(_sacct(slurm_job), 2), 60, "our allocation's end in sacct")
+        start_rival = wait_for(lambda: known(_sacct(rival), 1), 60, "the competing job to start")
         assert start_rival >= end_ours, (start_rival, end_ours)             # we finished first (ISO times sort)
     finally:
         subprocess.run(["scancel", rival])
