@@ -188,7 +188,7 @@ def test_a_fenced_rank_0_commits_no_checkpoint_and_deletes_nothing(tmp_path, dem
                                                                                                 2).ok
     end = _records(run, "end")
     assert len(end) == 1 and end[0]["state"] == channel.WORKER_STOPPED and "lease generation 2" in end[0]["halted"]
-    assert end[0]["step"] < 8 and not (out / "model.safetensors").exists()     # no final model either
+    assert end[0]["step"] <= 8 and not (out / "model.safetensors").exists()    # no final model either
     log = (run / "attempts" / "1" / "torchrun.log").read_text()
     assert "lease generation 2 exists and this attempt runs under generation 1" in log
     assert log.count(f"exitcode  : {channel.EXIT_STOPPED} ") == 2 and log.count("without writing anything more") == 2

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from . import channel
 from .checkpoints import latest_complete_checkpoint
-from .collectives import StepAgreement, distributed_info, gpu_memory, side_groups
+from .collectives import StepAgreement, agree_any_off_path, distributed_info, gpu_memory, side_groups
 from .epochs import global_batch_of, pad_to_global_batch
 from .fence import halt, must_stop
 from .heartbeat import Heartbeat
@@ -173,6 +173,11 @@ class OrchestrateCallback(TrainerCallback):
             self.watcher = None
         self.saves.close()                   # the save in flight is complete and committed before we leave
         self.steps.write()
+        # Off the step path: read the fence exactly and agree, so that an attempt fenced in its last second
+        # (after the last agreement) writes no final model and no "completed" either.
+        why = must_stop(self.wenv.progress.parent, self.wenv.attempt) if self.rank == 0 else None
+        if agree_any_off_path(why is not None):
+            halt(self.wenv, self.rank, state.global_step, why or "rank 0 was told to stop")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         hb = self.heartbeat   # its "evaluating" phase began when evaluate() did (callback._phase_while_evaluating)

@@ -46,6 +46,16 @@ def agree_all(flag: bool, device) -> bool:
     return _reduce(flag, device, dist.ReduceOp.MIN if dist.is_available() else None)
 
 
+def agree_any_off_path(flag: bool) -> bool:
+    """:func:`agree_any` on the control gloo group with a CPU tensor (no device sync), for the points off
+    the step path (the end of training); the group must exist already (:func:`side_groups`)."""
+    if not dist_on():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=side_groups()[0])
+    return bool(t.item())
+
+
 def barrier() -> None:
     if dist_on():
         dist.barrier()
