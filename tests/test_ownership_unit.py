@@ -331,3 +331,36 @@ def test_another_hosts_attempt_is_read_from_its_records_never_from_this_process_
     assert backend.poll(handle) == channel.EXIT_STOPPED        # rank 0's end record
     channel.write_json_atomic(adir / channel.AGENT_RECORD_FILE, {"exit_code": 0})
     assert backend.poll(handle) == 0                           # torchrun's exit record
+
+
+_END_OF_TRAINING = """
+import types
+from orchestrator.worker.callback import OrchestrateCallback
+from orchestrator.worker.support import StopFlag, WorkerEnv
+
+cb = OrchestrateCallback(WorkerEnv.from_environ({out!r}), StopFlag(), None, 0, None)
+cb.saves = types.SimpleNamespace(close=lambda: print("saves closed"))   # the save in flight settles first
+cb.on_train_end(None, types.SimpleNamespace(global_step=8), None)
+print("went on to the final model")
+"""
+
+
+@pytest.mark.parametrize("newer", [False, True])
+def test_the_end_of_training_rereads_the_fence_so_a_late_fenced_attempt_writes_no_final_model(tmp_path, newer):
+    """The step path reads the fence once a second: an attempt fenced in its last second reaches the end of
+    training; there the fence is read exactly, and the attempt halts before the final model is saved."""
+    (tmp_path / "lease").mkdir()
+    for gen in (1, 2) if newer else (1,):
+        channel.write_json_atomic(tmp_path / "lease" / channel.LEASE_FILE.format(gen=gen), {"owner": {"pid": 1}})
+    env = {**os.environ, channel.ENV_RUN_DIR: str(tmp_path), channel.ENV_ATTEMPT_DIR: str(tmp_path / "a"),
+           channel.ENV_ATTEMPT: "1", channel.ENV_LEASE_GEN: "1", "RANK": "0", "WORLD_SIZE": "1"}
+    (tmp_path / "a").mkdir()
+    r = subprocess.run([sys.executable, "-c", _END_OF_TRAINING.format(out=str(tmp_path))], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert "saves closed" in r.stdout, r.stderr
+    if not newer:
+        assert r.returncode == 0 and "went on to the final model" in r.stdout, r.stderr
+        return
+    assert r.returncode == channel.EXIT_STOPPED and "went on" not in r.stdout, r.stderr
+    end = channel.read_progress(tmp_path / channel.PROGRESS_FILE)[-1]
+    assert end["event"] == "end" and end["state"] == channel.WORKER_STOPPED and "generation 2" in end["halted"]

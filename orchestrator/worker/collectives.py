@@ -28,11 +28,11 @@ def dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _reduce(flag: bool, device, op) -> bool:
+def _reduce(flag: bool, device, op, group=None) -> bool:
     if not dist_on():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=op)
+    dist.all_reduce(t, op=op, group=group)
     return bool(t.item())
 
 
@@ -49,11 +49,7 @@ def agree_all(flag: bool, device) -> bool:
 def agree_any_off_path(flag: bool) -> bool:
     """:func:`agree_any` on the control gloo group with a CPU tensor (no device sync), for the points off
     the step path (the end of training); the group must exist already (:func:`side_groups`)."""
-    if not dist_on():
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=side_groups()[0])
-    return bool(t.item())
+    return _reduce(flag, "cpu", dist.ReduceOp.MAX, group=side_groups()[0]) if dist_on() else bool(flag)
 
 
 def barrier() -> None:

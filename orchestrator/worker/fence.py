@@ -28,8 +28,6 @@ from pathlib import Path
 
 from . import channel
 
-LEASE_DIR = channel.LEASE_DIR
-
 
 class Fenced(RuntimeError):
     """A newer lease generation exists (or a stop was asked): this attempt may no longer write markers or delete."""
@@ -70,7 +68,7 @@ def _fenced_by(lease_dir: Path, mine: int | None, attempt: int | None) -> str | 
 
 def fenced(run_dir: str | os.PathLike, attempt: int, environ=None) -> str | None:
     """Why this attempt is fenced (a newer lease generation that does not continue it), or ``None``."""
-    return _fenced_by(Path(run_dir) / LEASE_DIR, lease_generation(environ), attempt)
+    return _fenced_by(Path(run_dir) / channel.LEASE_DIR, lease_generation(environ), attempt)
 
 
 def stop_requested(run_dir: str | os.PathLike, attempt: int) -> str | None:
@@ -111,19 +109,15 @@ class Fence:
         attempt_n = int(attempt) if attempt.isdigit() else None
         if not raw:
             # no fence, but a stop request still reaches an attempt the orchestrator started
-            return cls(Path(run_dir) / LEASE_DIR, None, attempt_n) if run_dir and attempt_n is not None else cls()
+            return cls(Path(run_dir) / channel.LEASE_DIR, None, attempt_n) if run_dir and attempt_n is not None else cls()
         try:
             gen = int(raw)
         except ValueError:
             raise ValueError(f"{channel.ENV_LEASE_GEN}={raw!r}: expected the lease generation (an integer)") from None
         if not run_dir:
             raise ValueError(f"{channel.ENV_LEASE_GEN} is set but {channel.ENV_RUN_DIR} is not: the lease "
-                             f"folder ({channel.ENV_RUN_DIR}/{LEASE_DIR}) is unknown")
-        return cls(Path(run_dir) / LEASE_DIR, gen, attempt_n)
-
-    def newest(self) -> int | None:
-        """The largest generation in the lease folder (``None``: no fence, or none there)."""
-        return (_newest(self.lease_dir) or None) if self.lease_dir is not None else None
+                             f"folder ({channel.ENV_RUN_DIR}/{channel.LEASE_DIR}) is unknown")
+        return cls(Path(run_dir) / channel.LEASE_DIR, gen, attempt_n)
 
     def why(self) -> str | None:
         """Why this attempt may write nothing more (fenced or asked to stop), or ``None``."""
