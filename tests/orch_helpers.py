@@ -155,3 +155,17 @@ class Tmux:
 
     def kill(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+
+
+def run_attempt_directly(plan, worker_config: dict, tmp_path: Path, timeout: float = 600) -> tuple[int, str]:
+    """Attempt 1 of ``plan`` run as the backend runs it (``plan.argv``, ``plan.attempt_env``) but without a
+    supervisor: ``(torchrun's exit code, its log)``."""
+    plan.paths.attempt_dir(1).mkdir(parents=True)
+    plan.paths.worker_config.write_text(yaml.safe_dump(dict(worker_config)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCHESTRATE_", "ACCELERATE_", "FSDP_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"), **plan.attempt_env(1, None)})
+    with open(tmp_path / "agent.log", "w") as log:
+        rc = subprocess.run(plan.argv(1), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            timeout=timeout).returncode
+    return rc, (tmp_path / "agent.log").read_text()

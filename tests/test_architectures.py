@@ -20,6 +20,8 @@ import pytest
 import torch
 import yaml
 
+from orch_helpers import run_attempt_directly
+
 from orchestrator.demo import ARCHS, MODEL_DIR, model_config, prepare_demo
 from orchestrator.worker import architecture, model_check
 from orchestrator.worker.varlen_attn import NAME, register
@@ -341,15 +343,7 @@ def test_architecture_trains_on_two_ranks_under_fsdp2(arch, tmp_path):
     _, plan = prepare(str(path), home=tmp_path / "home", topology=Topology(gpus=0, cpus=2, hostname="t"),
                       cwd=str(tmp_path), job_id=f"{arch}-0101-000000")
     assert plan.worker_config["attn_implementation"] == NAME and plan.worker_config["packing"] is True
-    plan.paths.attempt_dir(1).mkdir(parents=True)
-    plan.paths.worker_config.write_text(yaml.safe_dump(dict(plan.worker_config)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCHESTRATE_", "ACCELERATE_", "FSDP_"))}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"), **plan.attempt_env(1, None)})
-    with open(tmp_path / "agent.log", "w") as log:
-        rc = subprocess.run(plan.argv(1), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            timeout=600).returncode
-    text = (tmp_path / "agent.log").read_text()
+    rc, text = run_attempt_directly(plan, plan.worker_config, tmp_path)
     assert rc == 0, text[-3000:]
     recs = channel.read_progress(plan.paths.progress)
     start = next(r for r in recs if r["event"] == "start")

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from orch_helpers import run_attempt_directly
 
 from orchestrator.worker.varlen_attn import NAME, _cuda_varlen, cu_seqlens_from_position_ids, register
 
@@ -169,18 +168,11 @@ def test_worker_with_plan_defaults_trains(demo_assets, tmp_path):
     assert (wc["packing"], wc["attn_implementation"], wc["optim"]) == (True, NAME, "adamw_torch_fused")
     assert wc["activation_checkpointing"] is False
     paths = plan.paths
-    paths.attempt_dir(1).mkdir(parents=True)
-    paths.worker_config.write_text(yaml.safe_dump(dict(wc)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCHESTRATE_", "ACCELERATE_", "FSDP_"))}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"), **plan.attempt_env(1, None)})
-    with open(tmp_path / "agent.log", "w") as log:
-        rc = subprocess.run(plan.argv(1), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            timeout=300).returncode
+    rc, text = run_attempt_directly(plan, wc, tmp_path, timeout=300)
     recs = channel.read_progress(paths.progress)
     losses = [r["loss"] for r in recs if r["event"] == "log"]
     start = next(r for r in recs if r["event"] == "start")
-    assert rc == 0, (tmp_path / "agent.log").read_text()[-3000:]
+    assert rc == 0, text[-3000:]
     assert start["world_size"] == 2 and start["fsdp_wrapped"]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.8 * losses[0], losses
